@@ -210,7 +210,9 @@ def preset_names() -> list[str]:
     root = resources.files("ftcot_ray") / "configs"
     names = []
     for path in sorted(Path(str(root)).rglob("*.yaml")):
-        names.append(str(path.relative_to(Path(str(root))).with_suffix("")))
+        name = str(path.relative_to(Path(str(root))).with_suffix(""))
+        if not any(part.startswith("_") for part in name.split("/")):  # _base files are building blocks
+            names.append(name)
     return names
 
 

@@ -24,6 +24,8 @@ class Task:
     # split(records, data_cfg) -> {"train": [sample_index...], "test": [...]}; None: the paper's 70/30 seed-0 split
     split: Optional[Callable] = field(default=None, compare=False, repr=False)
     teacher_sim: Optional[TeacherSim] = field(default=None, compare=False, repr=False)
+    # (question, rationale) -> the answer the simulated teacher gives at step 2, read from its own rationale
+    teacher_answer: Optional[Callable[[str, str], str]] = field(default=None, compare=False, repr=False)
     note: str = ""  # e.g. "AQuA: test split only in ../shared"
 
     def candidates(self, text: str) -> list[str]:

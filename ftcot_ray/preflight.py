@@ -1,0 +1,82 @@
+"""Checks a run can make before any work: inputs exist, the key is set, the student can be loaded.
+
+A paper preset on a machine without hub access stops here, at the point where a download
+would start, and says so, instead of failing an hour into the run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .config import Config, ConfigError
+
+
+def _hub_files_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:
+        return False
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def check_student(cfg: Config) -> dict:
+    ref = cfg.student.pretrained
+    if not ref:
+        return {"student": f"{cfg.student.arch}-{cfg.student.size} built from a config, tokenizer trained locally", "ok": True}
+    if Path(ref).expanduser().is_dir():
+        if not (Path(ref).expanduser() / "config.json").is_file():
+            return {"student": f"{ref}: folder has no config.json (not a save_pretrained folder)", "ok": False}
+        return {"student": f"pretrained from local folder {ref}", "ok": True}
+    if _hub_files_cached(ref):
+        return {"student": f"pretrained {ref} from the local Hugging Face cache", "ok": True}
+    if _hub_offline():
+        return {"student": f"{ref!r} is a hub id that would be downloaded here, and HF_HUB_OFFLINE=1: "
+                           f"stop before the download (give a local folder in student.pretrained)", "ok": False}
+    return {"student": f"{ref!r} will be downloaded from the Hugging Face hub at train time", "ok": True}
+
+
+def check_teacher(cfg: Config) -> dict:
+    from .artifacts import is_complete, stage_dir
+
+    t = cfg.teacher
+    if is_complete(stage_dir(cfg, "teach")):
+        return {"teacher": "completions already in the run folder: no teacher call needed", "ok": True}
+    if t.base_url is None:
+        if t.sim.mode == "replay" and not (t.sim.replay_path and Path(t.sim.replay_path).exists()):
+            return {"teacher": f"teacher.sim.replay_path {t.sim.replay_path!r} does not exist", "ok": False}
+        return {"teacher": f"local teacher-sim ({t.sim.mode}) started on a free 127.0.0.1 port", "ok": True}
+    if not os.environ.get(t.api_key_env):
+        return {"teacher": f"{t.base_url} needs an API key in the environment variable {t.api_key_env}, which is not set",
+                "ok": False}
+    return {"teacher": f"{t.model} at {t.base_url} (key from ${t.api_key_env})", "ok": True}
+
+
+def check_data(cfg: Config) -> dict:
+    from .tasks import get_task
+
+    try:
+        task = get_task(cfg.data.dataset)
+    except KeyError:
+        if cfg.data.source:  # a user's own file: the data stage validates it
+            return {"data": f"{cfg.data.dataset} from {cfg.data.source}", "ok": Path(cfg.data.source).exists()}
+        return {"data": f"unknown dataset {cfg.data.dataset!r} and no data.source file", "ok": False}
+    if task.synthetic:
+        return {"data": f"{task.name}: generated (train {cfg.data.train_size}, test {cfg.data.test_size})", "ok": True}
+    if not cfg.data.source or not Path(cfg.data.source).exists():
+        return {"data": f"{task.name} needs data.source (the raw benchmark folder); {cfg.data.source!r} does not exist",
+                "ok": False}
+    return {"data": f"{task.name} from {cfg.data.source}", "ok": True}
+
+
+def preflight(cfg: Config, strict: bool = False) -> list[dict]:
+    checks = [check_data(cfg), check_teacher(cfg), check_student(cfg)]
+    bad = [next(v for k, v in c.items() if k != "ok") for c in checks if not c["ok"]]
+    if strict and bad:
+        raise ConfigError("preflight failed before any work:\n  " + "\n  ".join(bad))
+    return checks
