@@ -34,6 +34,10 @@ class DataConfig(_Section):
     source: Optional[str] = None
     # Where GSM8K's train file lives (the zero_shot_cot folder ships only its test file).
     gsm8k_train: Optional[str] = None
+    # Your own JSONL/CSV task (dataset "custom" or any unregistered name + data.source): how answers
+    # are read and graded (see tasks/answers.py), and the letters of a multiple-choice task.
+    answer_format: Optional[Literal["number_float", "number_exact", "choice", "yesno", "letters"]] = None
+    choices: str = "ABCDE"
     # Synthetic tasks: sizes, difficulty (people flipping / words), seed.
     train_size: int = 1000
     test_size: int = 200
@@ -136,6 +140,27 @@ class TrainConfig(_Section):
     max_failures: int = 2
     eval_every_epoch: bool = True
     seed: int = 0
+    # Runtime knobs of the train stage (they do not change what is learned).
+    checkpoint_every_epochs: int = Field(1, ge=1)  # DeepSpeed checkpoint + ray.train.report cadence
+    storage_path: Optional[str] = None  # Ray Train storage (a shared path/URI on clusters); default <out>/ray_train
+    keep_checkpoints: bool = False  # keep the Ray Train checkpoints under <out>/ray_train after export
+    log_every: Optional[int] = Field(None, ge=1)  # train-loss logging cadence in steps; default ~50 points per run
+    grad_clip: float = Field(1.0, ge=0)  # 0 disables
+    # DeepSpeed JIT-compiles a shared-memory all-reduce op on CPU (~40 s) that only its inference
+    # all-reduce uses; training never needs it, so CPU runs skip it unless asked for.
+    cpu_shm_comm: bool = False
+
+
+class EvalEndpointConfig(_Section):
+    """An OpenAI-compatible model to evaluate as a baseline (zero-shot / zero-shot-CoT / few-shot-CoT)."""
+
+    base_url: str
+    model: str
+    api: Literal["completions", "chat"] = "completions"
+    api_key_env: str = "OPENAI_API_KEY"  # the *name* of the variable, never the key
+    concurrency: int = Field(16, ge=1)
+    timeout_s: float = Field(60.0, gt=0)
+    max_attempts: int = Field(5, ge=1)
 
 
 class EvalConfig(_Section):
@@ -148,6 +173,15 @@ class EvalConfig(_Section):
     temperature: float = Field(0.0, ge=0)
     methods: list[str] = Field(default_factory=lambda: ["ft_cot", "vanilla"])
     seed: int = 0
+    # Baselines in the same harness: prompt `baseline_model` (an HF folder) or `endpoint` instead of
+    # the trained student. None: evaluate the student (its method is train.method).
+    baseline: Optional[Literal["zero_shot", "zero_shot_cot", "few_shot_cot"]] = None
+    baseline_model: Optional[str] = None
+    endpoint: Optional[EvalEndpointConfig] = None
+    # A Fine-tune-CoT output without `-->` counts as wrong (DESIGN); false: the paper's last-candidate fallback.
+    require_marker: bool = True
+    cpus_per_replica: float = Field(1, gt=0)
+    torch_threads: Optional[int] = Field(None, ge=1)  # per replica; default: cpus_per_replica
 
 
 class TuneConfig(_Section):
@@ -165,6 +199,7 @@ class ServeConfig(_Section):
 
 class ReportConfig(_Section):
     mlflow_uri: Optional[str] = None  # e.g. file:./mlruns; off when unset
+    mlflow_experiment: str = "ftcot-ray"
 
 
 class PipelineConfig(_Section):

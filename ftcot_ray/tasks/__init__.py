@@ -18,9 +18,8 @@ def register(task: Task) -> Task:
 
 
 def _load_all() -> None:
-    if _REGISTRY:
-        return
-    from . import paper, synthetic  # noqa: F401  (each module registers its tasks)
+    # Python caches imports, so this is free after the first call; each module registers its tasks.
+    from . import paper, synthetic  # noqa: F401
 
 
 def task_names() -> list[str]:
