@@ -58,14 +58,12 @@ def check_teacher(cfg: Config) -> dict:
 
 
 def check_data(cfg: Config) -> dict:
-    from .tasks import get_task
+    from .tasks.custom import resolve_task
 
     try:
-        task = get_task(cfg.data.dataset)
-    except KeyError:
-        if cfg.data.source:  # a user's own file: the data stage validates it
-            return {"data": f"{cfg.data.dataset} from {cfg.data.source}", "ok": Path(cfg.data.source).exists()}
-        return {"data": f"unknown dataset {cfg.data.dataset!r} and no data.source file", "ok": False}
+        task = resolve_task(cfg.data)
+    except (KeyError, ValueError) as e:
+        return {"data": str(e.args[0] if e.args else e), "ok": False}
     if task.synthetic:
         return {"data": f"{task.name}: generated (train {cfg.data.train_size}, test {cfg.data.test_size})", "ok": True}
     if not cfg.data.source or not Path(cfg.data.source).exists():

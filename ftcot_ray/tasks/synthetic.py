@@ -215,7 +215,11 @@ def _last_sentence(rationale: str) -> str:
 
 
 def coin_teacher_answer(question: str, rationale: str) -> str:
-    """Step 2 (after "Therefore, the answer is"): read the final sentence; fall back to the last state said."""
+    """Step 2 (after "Therefore, the answer is"): read the final sentence; fall back to the last state said.
+
+    ValueError for a question of another task (the teacher server tries each synthetic task in turn).
+    """
+    parse_coin_question(question)
     final = _last_sentence(rationale)
     m = _FINAL_YESNO_RE.search(final)
     if m:
@@ -227,7 +231,11 @@ def coin_teacher_answer(question: str, rationale: str) -> str:
 
 
 def letters_teacher_answer(question: str, rationale: str) -> str:
-    """Step 2: the quoted concatenation of the final sentence, else the letters stated so far."""
+    """Step 2: the quoted concatenation of the final sentence, else the letters stated so far.
+
+    ValueError for a question of another task.
+    """
+    parse_letters_question(question)
     final = _last_sentence(rationale)
     quoted = _QUOTED_RE.findall(final)
     if "answer" in final or "together" in final.lower():
