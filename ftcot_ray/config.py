@@ -75,6 +75,8 @@ class TeacherConfig(_Section):
     use_n: bool = False  # ask for all D samples in one request with `n` where the endpoint supports it
     concurrency: int = Field(64, ge=1)  # requests in flight per actor
     num_actors: int = Field(1, ge=1)
+    actor_cpus: float = Field(0.25, ge=0)  # logical CPUs each fan-out actor claims (it mostly waits on I/O)
+    seed_param: bool = True  # send the sample index as the OpenAI `seed` field (distinct, reproducible samples)
     rpm: Optional[int] = None  # whole-job requests/min
     tpm: Optional[int] = None  # whole-job tokens/min
     max_attempts: int = Field(5, ge=1)

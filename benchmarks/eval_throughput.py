@@ -1,0 +1,94 @@
+"""Eval throughput: our batched Ray Data evaluation vs per-example `model.generate` (the reference shape).
+
+Same tiny student (a from-scratch GPT-2, 4 layers x 128, BPE trained here), same prompts, same run;
+greedy outputs are checked equal. Ours is timed twice: wall time including Ray start-up, actor
+start and model load, and the generation time inside the replica (steady state).
+
+    python benchmarks/eval_throughput.py [--prompts 300] [--max-new-tokens 48] [--batch-size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the tiny-student builder the eval tests use
+
+from helpers_eval import build_student, coin_questions  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", type=int, default=300)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--replicas", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, both paths")
+    args = ap.parse_args()
+
+    import torch
+
+    from ftcot_ray.config import load_config
+    from ftcot_ray.prompts import student_prompt
+    from ftcot_ray.stages.evaluate import evaluate_problems
+    from ftcot_ray.student.generate import generate_one, load_student
+
+    tmp = Path(tempfile.mkdtemp(prefix="ftcot_eval_bench_"))
+    # ~1M parameters; the EOS boost makes outputs stop at varied lengths, like a trained student's.
+    folder = build_student(tmp / "student", "decoder", eos_boost=1.5, init_scale=20.0, n_layer=4, n_embd=128)
+    problems = [q | {"split": "test"} for q in coin_questions(args.prompts, seed=11, min_people=2, max_people=8)]
+    cfg = load_config(None, [
+        f"run_dir={tmp / 'run'}", "data.dataset=coin_flip", f"eval.batch_size={args.batch_size}",
+        f"eval.max_new_tokens={args.max_new_tokens}", f"eval.num_replicas={args.replicas}",
+        f"eval.cpus_per_replica={max(1, args.threads // args.replicas)}",
+        f"eval.torch_threads={max(1, args.threads // args.replicas)}", f"resources.num_cpus={args.threads}",
+    ])
+
+    load_start = os.getloadavg()[0]
+    # Reference: one prompt at a time, as the original repo's evaluation loop does.
+    torch.set_num_threads(args.threads)
+    student = load_student(folder)
+    print(f"student: {student.model_type}, {student.n_params:,} params; {len(problems)} prompts; "
+          f"max_new_tokens {args.max_new_tokens}; torch threads {args.threads}", flush=True)
+    t0 = time.perf_counter()
+    ref = [generate_one(student, student_prompt(p["question"], "decoder"), max_new_tokens=args.max_new_tokens)
+           for p in problems]
+    ref_s = time.perf_counter() - t0
+
+    # Ours: Ray Data actor pool, batched, left-padded; Ray is started inside the timed region.
+    t0 = time.perf_counter()
+    preds, metrics = evaluate_problems(cfg, problems, "ft_cot", folder)
+    ours_s = time.perf_counter() - t0
+
+    by_index = {p["sample_index"]: p for p in preds}
+    mismatches = sum(by_index[p["sample_index"]]["output"] != r.text for p, r in zip(problems, ref))
+    n = len(problems)
+    ref_eps = n / ref_s
+    ours_eps = n / ours_s
+    steady = metrics.get("examples_per_s_generation")
+    cores = f"CPU, {os.cpu_count()} cores"
+    print(f"\n{cores}; load average during the run {load_start:.1f} -> {os.getloadavg()[0]:.1f} "
+          f"(other jobs on the machine slow both paths; the ratio is measured in one run)")
+    print(f"{'path':<48} {'examples/s':>11} {'vs reference':>13}")
+    print(f"{'reference: per-example model.generate':<48} {ref_eps:>11.1f} {1.0:>12.2f}x")
+    print(f"{'ours: Ray Data batched (wall, incl. Ray start-up)':<48} {ours_eps:>11.1f} {ours_eps / ref_eps:>12.2f}x")
+    if steady:
+        print(f"{'ours: Ray Data batched (generation, steady)':<48} {steady:>11.1f} {steady / ref_eps:>12.2f}x")
+    print(f"outputs equal: {n - mismatches}/{n}; mean output tokens {metrics['mean_output_tokens']:.1f}; "
+          f"batch {args.batch_size}, replicas {args.replicas}")
+    if mismatches:
+        sys.exit(f"FAIL: {mismatches} outputs differ from the per-example reference")
+
+
+if __name__ == "__main__":
+    main()
