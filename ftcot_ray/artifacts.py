@@ -54,8 +54,16 @@ KEY_MATERIAL: dict[str, Callable[[Config], Any]] = {
         "student": c.student.model_dump(mode="json"),
         "train": c.train.model_dump(mode="json", exclude={"num_workers", "use_gpu", "cpus_per_worker", "max_failures"}),
     },
-    "eval": lambda c: c.eval.model_dump(mode="json", exclude={"batch_size", "num_replicas", "student"}) | {"student": c.eval.student},
+    "eval": lambda c: _eval_material(c),
 }
+
+
+def _eval_material(cfg: Config) -> dict:
+    # Batched greedy output equals one-at-a-time output (tested), so batching and replicas re-key nothing.
+    e = cfg.eval.model_dump(mode="json", exclude={"batch_size", "num_replicas", "cpus_per_replica", "torch_threads"})
+    if e.get("endpoint"):
+        e["endpoint"] = {k: v for k, v in e["endpoint"].items() if k not in ("concurrency", "timeout_s", "max_attempts")}
+    return e
 
 
 def digest(obj: Any, n: int = 12) -> str:

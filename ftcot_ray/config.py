@@ -2,7 +2,7 @@
 
 Grammar: a preset name (``quickstart``, ``replay/multiarith``) or a YAML path, then dotted
 overrides ``section.key=value`` whose values are parsed as YAML scalars (``train.lr=1e-4``,
-``teacher.samples=8``, ``eval.methods=[ft_cot,vanilla]``). Tune trial params go through the
+``teacher.samples=8``, ``pipeline.diversity=[1,4]``). Tune trial params go through the
 same :func:`apply_overrides`. Unknown keys and wrong types fail with the key path.
 
 Secrets never live here: the teacher's key is named by an environment variable
@@ -173,7 +173,6 @@ class EvalConfig(_Section):
     num_replicas: int = Field(1, ge=1)
     samples: int = Field(1, ge=1)  # self-consistency k
     temperature: float = Field(0.0, ge=0)
-    methods: list[str] = Field(default_factory=lambda: ["ft_cot", "vanilla"])
     seed: int = 0
     # Baselines in the same harness: prompt `baseline_model` (an HF folder) or `endpoint` instead of
     # the trained student. None: evaluate the student (its method is train.method).

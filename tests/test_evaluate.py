@@ -5,7 +5,6 @@ replicas; an OpenAI-compatible HTTP server on 127.0.0.1 for the endpoint baselin
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
