@@ -271,9 +271,9 @@ def _prod(shape) -> int:
 
 def evaluate_problems(cfg: Config, problems: list[dict], method: str, student: Optional[Path]) -> tuple[list[dict], dict]:
     """Generate + grade; returns (predictions, metrics). Plain entry point for the pipeline and Tune."""
-    from ..tasks import get_task
+    from ..tasks.custom import resolve_task
 
-    task = get_task(cfg.data.dataset)
+    task = resolve_task(cfg.data)
     exemplars = ev.render_exemplars(ev.few_shot_exemplars(cfg.data.dataset)) if method == "few_shot_cot" else None
     t0 = time.perf_counter()
     if cfg.eval.endpoint:
