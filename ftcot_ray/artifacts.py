@@ -52,7 +52,10 @@ KEY_MATERIAL: dict[str, Callable[[Config], Any]] = {
     "curate": lambda c: {"curate": c.curate.model_dump(mode="json"), "family": c.student.family},
     "train": lambda c: {
         "student": c.student.model_dump(mode="json"),
-        "train": c.train.model_dump(mode="json", exclude={"num_workers", "use_gpu", "cpus_per_worker", "max_failures"}),
+        "train": c.train.model_dump(mode="json", exclude={
+            "num_workers", "use_gpu", "cpus_per_worker", "max_failures", "checkpoint_every_epochs",
+            "storage_path", "keep_checkpoints", "log_every", "cpu_shm_comm",
+        }),
     },
     "eval": lambda c: _eval_material(c),
 }
