@@ -163,3 +163,15 @@ def test_replay_index_matches_step2_whatever_trigger_follows(shared_datasets):
     # Our step-2 prompt uses "\nTherefore, the answer is"; the file's used " ... (arabic numerals) is".
     step, q2, rationale = parse_step(answer_prompt(q, rec["reasoning_completion"]))
     assert idx.answer(step, q2, rationale, 0)[0] == rec["completion"]
+
+
+@pytest.mark.shared
+def test_cli_teach_import(shared_datasets, tmp_path, capsys):
+    from ftcot_ray import cli
+
+    src = shared_datasets / AUTHORS / "D_coin_flip.json"
+    out = tmp_path / "imported"
+    assert cli.main(["teach", "import", "--from", "reasoning-teacher", str(src), "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["rows"] == 532 and summary["extra_samples"] == 32 and is_complete(out)
+    assert cli.main(["teach", "import", "--from", "somewhere-else", str(src), "--out", str(out)]) == 2

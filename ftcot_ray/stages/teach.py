@@ -96,7 +96,7 @@ def run(cfg: Config, out: Path | None = None, inp: Path | None = None, *, retry_
 
             init_ray(cfg)  # inside the timing: Ray start-up is part of what a user waits for
             answered, stats = fan_out(todo, t, base_url=ep["base_url"], endpoint_id=ep["endpoint_id"],
-                                      secret=ep["secret"], cache_dir=str(cache_dir(cfg)),
+                                      secret=ep["secret"], cache_dir=str(cache_dir(cfg).resolve()),
                                       spent_usd=sum(r["cost_usd"] for r in done), cached=len(done),
                                       total=len(rows), progress=progress)
             done += answered
@@ -155,7 +155,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in", dest="inp", help="data-stage folder (default: the config's)")
     parser.add_argument("--retry-errors", action="store_true", help="re-ask the rows of a finished run that ended with an error")
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
-    parser.add_argument("--from", dest="source", default=None,
+    # nargs="+": the file follows `--from SOURCE` on the command line (`import` itself lands in the
+    # overrides positional, which argparse has already closed by then).
+    parser.add_argument("--from", dest="source", nargs="+", default=None, metavar="SOURCE FILE",
                         help="`ftcot teach import --from reasoning-teacher D_<key>.json --out DIR`: import released completions")
     parser.add_argument("--split", default=None, help="import: the paper's split file (<key>__default.json)")
 
@@ -176,9 +178,10 @@ def main(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace, rest: list[str]) -> int:
     from ..teacher.importer import SOURCES, import_reasoning_teacher
 
-    if args.source not in SOURCES:
-        raise ValueError(f"teach import: --from must be one of {', '.join(SOURCES)} (got {args.source!r})")
-    if len(rest) != 1 or not args.out:
+    source, files = (args.source[0], args.source[1:] + rest) if args.source else (None, rest)
+    if source not in SOURCES:
+        raise ValueError(f"teach import: --from must be one of {', '.join(SOURCES)} (got {source!r})")
+    if len(files) != 1 or not args.out:
         raise ValueError("usage: ftcot teach import --from reasoning-teacher D_<key>.json --out DIR [--split FILE]")
-    print_summary(import_reasoning_teacher(rest[0], args.out, split_file=args.split))
+    print_summary(import_reasoning_teacher(files[0], args.out, split_file=args.split))
     return 0

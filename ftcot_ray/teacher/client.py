@@ -187,14 +187,16 @@ class TeacherClient:
         last_error = "not attempted"
         for attempt in range(1, self.t.max_attempts + 1):
             try:
+                # Permit first, then a slot: a request waiting for budget must not sit on a slot that
+                # a prepaid step 2 needs to finish (and free) its reservation.
+                await self.permits.acquire(units)
                 async with self.sem:
-                    await self.permits.acquire(units)
                     try:
                         results = await self._request(payload, samples, max_tokens)
                     except BaseException:
                         self.permits.done(0.0, units)
                         raise
-                    self.permits.done(sum(r.cost_usd for r in results.values()), units - keep)
+                self.permits.done(sum(r.cost_usd for r in results.values()), units - keep)
             except BudgetExhausted:
                 return {s: StepResult(attempts=attempt - 1, error=(
                     f"budget: not sent, teacher.budget_usd={self.t.budget_usd} would be exceeded")) for s in samples}

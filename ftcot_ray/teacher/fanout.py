@@ -69,12 +69,14 @@ def finish_row(row: dict, tcfg: Any, s1: StepResult, s2: Optional[StepResult]) -
 
 
 async def answer_question(client: TeacherClient, tcfg: Any, rows: list[dict]) -> list[dict]:
-    """All requested samples of one question: step 1 for all, then step 2 for each rationale."""
-    q = rows[0]["question"]
-    first = await client.step(payloads(tcfg.api, q), [r["sample_idx"] for r in rows], tcfg.max_tokens)
+    """All requested samples of one question: step 1, then step 2 on each rationale.
 
-    async def second(row: dict) -> dict:
-        s1 = first[row["sample_idx"]]
+    Each sample goes on to its step 2 as soon as its own step 1 is back (with `use_n`, one request
+    brings all rationales at once): waiting for siblings would hold budget and slots for nothing.
+    """
+    q = rows[0]["question"]
+
+    async def second(row: dict, s1: StepResult) -> dict:
         if s1.error is not None:
             return finish_row(row, tcfg, s1, None)  # (a failed step 1 released its reservation already)
         # A rationale asked for in this run prepaid its answer's budget (see `Permits`).
@@ -82,7 +84,15 @@ async def answer_question(client: TeacherClient, tcfg: Any, rows: list[dict]) ->
                                 first_step=False, prepaid=not s1.cached)
         return finish_row(row, tcfg, s1, res[row["sample_idx"]])
 
-    out = await asyncio.gather(*(second(r) for r in rows))
+    async def whole(row: dict) -> dict:
+        first = await client.step(payloads(tcfg.api, q), [row["sample_idx"]], tcfg.max_tokens)
+        return await second(row, first[row["sample_idx"]])
+
+    if tcfg.use_n and len(rows) > 1:
+        first = await client.step(payloads(tcfg.api, q), [r["sample_idx"] for r in rows], tcfg.max_tokens)
+        out = await asyncio.gather(*(second(r, first[r["sample_idx"]]) for r in rows))
+    else:
+        out = await asyncio.gather(*(whole(r) for r in rows))
     for r in out:
         client.delta["rows_error" if r["error"] else "rows_done"] += 1
     return list(out)

@@ -156,6 +156,7 @@ class Permits:
         self.fetching = False
         self.pause_until = 0.0
         self.stopped = False
+        self.flush_soon = False
         self.delta: Counter = Counter()
 
     async def _call(self, method: str, *args: Any) -> Any:
@@ -216,7 +217,17 @@ class Permits:
         """A request finished (ok or not): release `release_units` of reservation, charge what it cost."""
         if self.gated and release_units:
             self.delta["released_usd"] += self.cost_each * release_units
+            if self.waiters and not self.flush_soon:  # someone may be waiting for exactly this money
+                self.flush_soon = True
+                asyncio.get_running_loop().call_later(0.02, lambda: asyncio.ensure_future(self._flush_now()))
         self.delta["cost_usd"] += cost_usd
+
+    async def _flush_now(self) -> None:
+        self.flush_soon = False
+        try:
+            await self.flush()
+        except Exception:
+            pass  # the periodic flush will carry it
 
     async def pause(self, seconds: float) -> None:
         self.pause_until = max(self.pause_until, time.monotonic() + seconds)
