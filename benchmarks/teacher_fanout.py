@@ -69,7 +69,7 @@ def ours(base_url: str, endpoint_id: str, rows: list[dict], concurrency: int, tm
     ray.shutdown()
     errors = sum(1 for r in out if r["error"])
     return {"requests": stats["requests"], "wall_s": wall, "ray_init_s": t_ray, "rps": stats["requests"] / wall,
-            "errors": errors, "rows": len(out)}
+            "rps_after_init": stats["requests"] / (wall - t_ray), "errors": errors, "rows": len(out)}
 
 
 def raw(base_url: str, rows: list[dict], concurrency: int) -> dict:
@@ -170,14 +170,17 @@ def main() -> int:
                   f"{results['ray_processor']['ok']}/{results['ray_processor']['requests']} ok, incl. ray.init)", flush=True)
     rp = results["ray_processor"]["rps"]
     print()
-    print("| concurrency | ours req/s (incl. Ray start) | ideal c/latency | ours/ideal | raw asyncio req/s | ours/raw | ours/ray.data.llm |")
-    print("|---|---|---|---|---|---|---|")
+    # Both figures: the issue asks for Ray start-up inside the wall time (what a user waits for); the
+    # second column leaves out `ray.init` (a job on a running cluster pays none).
+    print("| concurrency | ours req/s (incl. Ray start) | ours req/s (after ray.init) | ideal c/latency | ours/ideal "
+          "(incl. / after) | raw asyncio req/s | ours/raw (incl. / after) | ours/ray.data.llm (incl.) |")
+    print("|---|---|---|---|---|---|---|---|")
     for c in levels:
-        o = results["ours"][c]["rps"]
+        o, o2 = results["ours"][c]["rps"], results["ours"][c]["rps_after_init"]
         ideal = c / lat
         r = results["raw"].get(c, {}).get("rps")
-        print(f"| {c} | {o:.1f} | {ideal:.0f} | {o / ideal:.2f} | {f'{r:.1f}' if r else '-'} | "
-              f"{f'{o / r:.2f}' if r else '-'} | {o / rp:.1f}x |")
+        print(f"| {c} | {o:.1f} | {o2:.1f} | {ideal:.0f} | {o / ideal:.2f} / {o2 / ideal:.2f} | {f'{r:.1f}' if r else '-'} | "
+              f"{f'{o / r:.2f} / {o2 / r:.2f}' if r else '-'} | {o / rp:.1f}x |")
     print(f"\nsequential client: {results['sequential']['rps']:.1f} req/s; ray.data.llm HTTP processor: {rp:.1f} req/s")
     print(json.dumps({"benchmark": "teacher_fanout", "requests": args.requests, "latency_ms": args.latency_ms,
                       "results": results}, default=str))

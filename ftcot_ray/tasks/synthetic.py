@@ -51,23 +51,29 @@ FLIP, HOLD = "flips", "holds"
 LETTERS_QUESTION = 'Take the last letters of each words in "{words}" and concatenate them.'
 
 # One step of the teacher's coin rationale, per action; `{s}` is the state after the step.
+# Every phrasing of a step has the same token length, with the name, the action and the state at the
+# same offsets: the k-th step of the rationale then lines up with the k-th sentence of the question
+# (also of fixed length), which is what lets a ~1M-parameter student learn to read the right
+# sentence and copy the right name. The free word ("so" / "and" / "now") keeps samples at
+# temperature > 0 distinct. (An earlier version with free-form phrasings of different lengths
+# trained to 94 % at D=1 but to chance at D=4 with the same steps: the student could not align them.)
 COIN_STEPS = {
     FLIP: (
-        "{name} flips the coin, so it is now {s}.",
-        "{name} flips it, so the coin turns {s}.",
-        "After {name} flips it, the coin is {s}.",
+        "{name} flips it, so the coin is {s}.",
+        "{name} flips it, and the coin is {s}.",
+        "{name} flips it, now the coin is {s}.",
     ),
     HOLD: (
-        "{name} holds the coin, so it is still {s}.",
-        "{name} does not flip it, so it stays {s}.",
-        "After {name} holds it, the coin is still {s}.",
+        "{name} holds it, so the coin is {s}.",
+        "{name} holds it, and the coin is {s}.",
+        "{name} holds it, now the coin is {s}.",
     ),
 }
-COIN_OPENINGS = ("The coin starts heads up.", "At first the coin is heads up.")
+COIN_OPENINGS = ("The coin starts heads up.", "The coin begins heads up.")
 COIN_FINALS = (
-    "So the coin is {s}, and the answer is {yn}.",
-    "The coin ends {s}, so the answer is {yn}.",
-    "So the answer is {yn}, the coin is {s}.",
+    "So the coin is {s}, so the answer is {yn}.",
+    "Now the coin is {s}, so the answer is {yn}.",
+    "Thus the coin is {s}, so the answer is {yn}.",
 )
 LETTER_STEPS = (
     'The last letter of "{w}" is "{c}".',
