@@ -113,6 +113,9 @@ class StudentConfig(_Section):
     pretrained: Optional[str] = None  # local folder or hub id, on machines that have them
     tokenizer: Optional[str] = None  # default: the pretrained one, else trained locally
     vocab_size: int = 1000
+    # From-scratch students only (pretrained ones keep theirs). 0 because on the quickstart's coin flips a
+    # 0.9M-parameter GPT-2 reached 98 % after 600 steps without dropout and 68 % with GPT-2's default 0.1.
+    dropout: float = Field(0.0, ge=0, lt=1)
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
     @property

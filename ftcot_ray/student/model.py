@@ -41,17 +41,19 @@ def model_config(student: StudentConfig, tokenizer, max_length: int) -> Pretrain
     vocab = len(tokenizer)
     if student.arch == "gpt2":
         return GPT2Config(vocab_size=vocab, n_positions=max_length, n_embd=width, n_layer=layers, n_head=heads,
+                          resid_pdrop=student.dropout, embd_pdrop=student.dropout, attn_pdrop=student.dropout,
                           bos_token_id=tokenizer.eos_token_id, **ids)
     if student.arch == "llama":
         return LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=width * 4 * 2 // 3 // 8 * 8,
                            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
                            max_position_embeddings=max_length, tie_word_embeddings=True,
+                           attention_dropout=student.dropout,
                            bos_token_id=tokenizer.eos_token_id, **ids)
     if student.arch == "t5":
         half = max(1, layers // 2)
         return T5Config(vocab_size=vocab, d_model=width, d_ff=width * 4, d_kv=width // heads, num_layers=half,
                         num_decoder_layers=half, num_heads=heads, decoder_start_token_id=tokenizer.pad_token_id,
-                        feed_forward_proj="relu", **ids)
+                        feed_forward_proj="relu", dropout_rate=student.dropout, **ids)
     raise ValueError(f"student.arch={student.arch!r} is not a known architecture; archs: gpt2, llama, t5")
 
 

@@ -59,14 +59,14 @@ LETTERS_QUESTION = 'Take the last letters of each words in "{words}" and concate
 # trained to 94 % at D=1 but to chance at D=4 with the same steps: the student could not align them.)
 COIN_STEPS = {
     FLIP: (
-        "{name} flips it, so the coin is {s}.",
-        "{name} flips it, and the coin is {s}.",
-        "{name} flips it, now the coin is {s}.",
+        "{name} flips it, so it is {s}.",
+        "{name} flips it, and it is {s}.",
+        "{name} flips it, now it is {s}.",
     ),
     HOLD: (
-        "{name} holds it, so the coin is {s}.",
-        "{name} holds it, and the coin is {s}.",
-        "{name} holds it, now the coin is {s}.",
+        "{name} holds it, so it is {s}.",
+        "{name} holds it, and it is {s}.",
+        "{name} holds it, now it is {s}.",
     ),
 }
 COIN_OPENINGS = ("The coin starts heads up.", "The coin begins heads up.")
