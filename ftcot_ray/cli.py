@@ -36,6 +36,19 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-4")
 
 
+def add_stage_arguments(parser: argparse.ArgumentParser, stage: str, input_help: str) -> None:
+    """--config, overrides, --out and --in: what every single-stage command takes."""
+    add_config_arguments(parser)
+    parser.add_argument("--out", help=f"output folder (default: <run_dir>/{stage}/<key>)")
+    parser.add_argument("--in", dest="inp", help=input_help)
+
+
+def run_stage(run, args: argparse.Namespace) -> int:
+    """The whole `main` of a plain stage command: resolve the config, run, print the summary line."""
+    print_summary(run(config_from_args(args), args.out, args.inp))
+    return 0
+
+
 def config_from_args(args: argparse.Namespace, extra: list[str] | None = None) -> Config:
     return load_config(args.config, list(args.overrides or []) + list(extra or []))
 
@@ -61,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     top = _top_parser()
     if not argv or argv[0] in ("-h", "--help"):
         top.print_help()
-        return 0 if argv else 0
+        return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         top.error(f"unknown command {command!r}")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .. import curation
 from ..artifacts import begin, finish, is_complete, read_manifest, require, stage_dir, stage_key
-from ..cli import add_config_arguments, config_from_args, print_summary
+from ..cli import add_stage_arguments, run_stage
 from ..config import Config
 from ..io import read_jsonl, write_jsonl
 from ..tasks.custom import resolve_task
@@ -87,12 +87,8 @@ def run(cfg: Config, out: Path | None = None, inp: Path | None = None) -> dict:
 
 
 def add_arguments(parser) -> None:
-    add_config_arguments(parser)
-    parser.add_argument("--out", default=None, help="output folder (default: <run_dir>/curate/<key>)")
-    parser.add_argument("--in", dest="inp", default=None, help="teach output folder (default: this config's)")
+    add_stage_arguments(parser, STAGE, "teach output folder (default: this config's)")
 
 
 def main(args) -> int:
-    cfg = config_from_args(args)
-    print_summary(run(cfg, args.out, args.inp))
-    return 0
+    return run_stage(run, args)

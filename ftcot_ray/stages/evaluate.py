@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..artifacts import begin, finish, is_complete, read_manifest, require, stage_dir, write_json
-from ..cli import add_config_arguments, config_from_args, print_summary
+from ..cli import add_stage_arguments, run_stage
 from ..config import Config, ConfigError
 from ..io import InputFileError, read_jsonl, write_jsonl
 from .. import evaluation as ev
@@ -325,12 +325,8 @@ def run(cfg: Config, out: Path | None = None, inp: Path | None = None) -> dict:
 
 
 def add_arguments(parser) -> None:
-    add_config_arguments(parser)
-    parser.add_argument("--out", help="output folder (default: <run_dir>/eval/<key>)")
-    parser.add_argument("--in", dest="inp", help="problems.jsonl (or its folder); default: the curate stage's")
+    add_stage_arguments(parser, STAGE, "problems.jsonl (or its folder); default: the curate stage's")
 
 
 def main(args) -> int:
-    cfg = config_from_args(args)
-    print_summary(run(cfg, args.out, args.inp))
-    return 0
+    return run_stage(run, args)

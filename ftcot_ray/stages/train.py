@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 
 from ..artifacts import begin, finish, is_complete, read_manifest, require, stage_dir, write_json
-from ..cli import add_config_arguments, config_from_args, print_summary
+from ..cli import add_stage_arguments, run_stage
 from ..config import Config
 from ..io import read_jsonl
 
@@ -160,12 +160,8 @@ def collect_outputs(result, out: Path, cfg: Config) -> dict:
 
 
 def add_arguments(parser) -> None:
-    add_config_arguments(parser)
-    parser.add_argument("--out", help="output folder (default: <run_dir>/train/<key>)")
-    parser.add_argument("--in", dest="inp", help="curate stage folder (default: the run's curate output)")
+    add_stage_arguments(parser, STAGE, "curate stage folder (default: the run's curate output)")
 
 
 def main(args) -> int:
-    cfg = config_from_args(args)
-    print_summary(run(cfg, args.out, args.inp))
-    return 0
+    return run_stage(run, args)
