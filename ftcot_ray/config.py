@@ -3,7 +3,14 @@
 Grammar: a preset name (``quickstart``, ``replay/multiarith``) or a YAML path, then dotted
 overrides ``section.key=value`` whose values are parsed as YAML scalars (``train.lr=1e-4``,
 ``teacher.samples=8``, ``pipeline.diversity=[1,4]``). Tune trial params go through the
-same :func:`apply_overrides`. Unknown keys and wrong types fail with the key path.
+same :func:`apply_overrides`. Unknown keys, wrong types and impossible combinations fail when
+the config loads, with the key path.
+
+Every field declares whether it changes a stage's result. By default a field of a section
+changes the result of that section's stage (``SECTION_STAGE``); ``runtime(...)`` marks a setting
+that only changes how or where the work runs (concurrency, workers, memory), and ``affects=``
+names further stages a field changes. Stage keys are derived from these declarations
+(``artifacts.stage_key``), and a property test walks every field to hold them to it.
 
 Secrets never live here: the teacher's key is named by an environment variable
 (``teacher.api_key_env``) and read at call time.
@@ -12,25 +19,66 @@ Secrets never live here: the teacher's key is named by an environment variable
 from __future__ import annotations
 
 import copy
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+__all__ = ["Config", "ConfigError", "load_config", "with_overrides", "dump_config", "apply_overrides"]
+
+# The stage whose result a section's fields change. Sections not listed (tune, serve, report,
+# pipeline, resources) orchestrate stages and never change one stage's result.
+SECTION_STAGE = {"data": "data", "teacher": "teach", "curate": "curate", "student": "train", "train": "train",
+                 "eval": "eval"}
 
 
-class ConfigError(ValueError):
-    """A config problem, with the offending key path or file in the message."""
+def runtime(*args: Any, **kwargs: Any) -> Any:
+    """A Field that changes how or where a stage runs, never what it produces: it re-keys nothing."""
+    extra = dict(kwargs.pop("json_schema_extra", None) or {}, runtime=True)
+    return Field(*args, json_schema_extra=extra, **kwargs)
+
+
+def result(*args: Any, affects: tuple[str, ...] = (), **kwargs: Any) -> Any:
+    """A Field that changes its section's stage and, with `affects`, further stages too."""
+    extra = dict(kwargs.pop("json_schema_extra", None) or {}, affects=list(affects))
+    return Field(*args, json_schema_extra=extra, **kwargs)
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def looks_like_secret(text: str) -> bool:
+    """A value that is probably a pasted API key rather than the name of a variable."""
+    t = text.strip()
+    if t.lower().startswith(("sk-", "sk_", "hf_", "key-", "bearer ")):
+        return True
+    mixed = re.search(r"[a-z]", t) and re.search(r"[A-Z]", t) and re.search(r"\d", t)
+    return len(t) >= 24 and bool(mixed)
+
+
+def _check_env_name(value: str, key: str) -> str:
+    # The message never repeats the value: it may be the key itself, pasted by mistake.
+    if looks_like_secret(value):
+        raise ValueError(f"{key} must be the NAME of an environment variable (e.g. OPENAI_API_KEY), and the "
+                         "value given looks like a key itself; it was not echoed or stored anywhere")
+    if not ENV_NAME_RE.match(value):
+        raise ValueError(f"{key} must be the name of an environment variable (letters, digits, _), e.g. OPENAI_API_KEY")
+    return value
+
+
 class DataConfig(_Section):
     dataset: str = "coin_flip_synth"
     # Raw benchmark folder (../shared/datasets/zero_shot_cot/dataset), a raw file, or a user JSONL/CSV.
+    # The data key covers the content of the file(s) it names, not only the path.
     source: Optional[str] = None
     # Where GSM8K's train file lives (the zero_shot_cot folder ships only its test file).
     gsm8k_train: Optional[str] = None
@@ -39,17 +87,17 @@ class DataConfig(_Section):
     answer_format: Optional[Literal["number_float", "number_exact", "choice", "yesno", "letters"]] = None
     choices: str = "ABCDE"
     # Synthetic tasks: sizes, difficulty (people flipping / words), seed.
-    train_size: int = 1000
-    test_size: int = 200
-    difficulty: int = 4
+    train_size: int = Field(1000, ge=1)
+    test_size: int = Field(200, ge=1)
+    difficulty: int = Field(4, ge=1)
     seed: int = 0
 
 
 class Price(_Section):
     """USD per 1M tokens."""
 
-    input: float = 0.0
-    output: float = 0.0
+    input: float = Field(0.0, ge=0)
+    output: float = Field(0.0, ge=0)
 
 
 class TeacherSimConfig(_Section):
@@ -58,7 +106,7 @@ class TeacherSimConfig(_Section):
     mode: Literal["simulated", "replay"] = "simulated"
     replay_path: Optional[str] = None  # a completions table or the authors' D_*.json
     error_rate: float = Field(0.15, ge=0, le=1)  # wrong reasoning steps -> wrong answers
-    latency_ms: float = Field(0.0, ge=0)
+    latency_ms: float = runtime(0.0, ge=0)
     seed: int = 0
 
 
@@ -66,28 +114,36 @@ class TeacherConfig(_Section):
     base_url: Optional[str] = None  # None: start teacher-sim on a free 127.0.0.1 port
     api: Literal["completions", "chat"] = "completions"
     model: str = "ftcot-sim-teacher"
-    api_key_env: str = "OPENAI_API_KEY"  # the *name* of the variable, never the key
+    api_key_env: str = runtime("OPENAI_API_KEY")  # the *name* of the variable, never the key
     samples: int = Field(1, ge=1)  # D_max
     temperature: float = Field(0.0, ge=0)
-    top_p: float = 1.0
+    top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(128, ge=1)  # rationale (paper: 128)
     answer_max_tokens: int = Field(32, ge=1)
     use_n: bool = False  # ask for all D samples in one request with `n` where the endpoint supports it
-    concurrency: int = Field(64, ge=1)  # requests in flight per actor
-    num_actors: int = Field(1, ge=1)
-    actor_cpus: float = Field(0.25, ge=0)  # logical CPUs each fan-out actor claims (it mostly waits on I/O)
     seed_param: bool = True  # send the sample index as the OpenAI `seed` field (distinct, reproducible samples)
-    rpm: Optional[int] = None  # whole-job requests/min
-    tpm: Optional[int] = None  # whole-job tokens/min
-    max_attempts: int = Field(5, ge=1)
-    timeout_s: float = Field(60.0, gt=0)
-    backoff_base_s: float = Field(0.5, ge=0)
-    backoff_max_s: float = Field(30.0, ge=0)
-    budget_usd: Optional[float] = None
-    prices: dict[str, Price] = Field(default_factory=dict)  # by model name
-    cache_dir: Optional[str] = None  # default: <run_dir>/teacher_cache (a shared path on clusters)
     splits: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["train", "test"])
     sim: TeacherSimConfig = Field(default_factory=TeacherSimConfig)
+    # How fast and how safely we ask (the answers do not depend on these).
+    concurrency: int = runtime(64, ge=1)  # requests in flight per actor
+    num_actors: int = runtime(1, ge=1)
+    actor_cpus: float = runtime(0.25, ge=0)  # logical CPUs each fan-out actor claims (it mostly waits on I/O)
+    batch_size: Optional[int] = runtime(None, ge=1)  # rows per Ray Data batch; default: teacher.concurrency
+    rpm: Optional[int] = runtime(None, ge=1)  # whole-job requests/min
+    tpm: Optional[int] = runtime(None, ge=1)  # whole-job tokens/min
+    max_attempts: int = runtime(5, ge=1)
+    timeout_s: float = runtime(60.0, gt=0)
+    backoff_base_s: float = runtime(0.5, ge=0)
+    backoff_max_s: float = runtime(30.0, ge=0)
+    # A stopped-by-budget stage re-opens when the budget is raised (stages/teach.py), so no re-key.
+    budget_usd: Optional[float] = runtime(None, ge=0)
+    prices: dict[str, Price] = runtime(default_factory=dict)  # by model name (accounting only)
+    cache_dir: Optional[str] = runtime(None)  # default: <run_dir>/teacher_cache (a shared path on clusters)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str) -> str:
+        return _check_env_name(v, "teacher.api_key_env")
 
 
 class CurateConfig(_Section):
@@ -100,19 +156,20 @@ class CurateConfig(_Section):
 
 class LoraConfig(_Section):
     enabled: bool = False
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: Optional[list[str]] = None
 
 
 class StudentConfig(_Section):
     # gpt2 / llama (decoder-only), t5 (encoder-decoder); `pretrained` overrides the build.
-    arch: Literal["gpt2", "llama", "t5"] = "gpt2"
+    # The family decides how curate formats the pairs, so the architecture re-keys curate too.
+    arch: Literal["gpt2", "llama", "t5"] = result("gpt2", affects=("curate",))
     size: str = "tiny"
     pretrained: Optional[str] = None  # local folder or hub id, on machines that have them
     tokenizer: Optional[str] = None  # default: the pretrained one, else trained locally
-    vocab_size: int = 1000
+    vocab_size: int = Field(1000, ge=16)
     # From-scratch students only (pretrained ones keep theirs). 0 because on the quickstart's coin flips a
     # 0.9M-parameter GPT-2 reached 98 % after 600 steps without dropout and 68 % with GPT-2's default 0.1.
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -127,53 +184,72 @@ class TrainConfig(_Section):
     method: Literal["ft_cot", "vanilla"] = "ft_cot"
     lr: float = Field(1e-3, gt=0)
     epochs: int = Field(20, ge=1)
-    max_steps: Optional[int] = None  # overrides epochs when set
-    batch_size: int = Field(16, ge=1)  # per worker
-    grad_accum: int = Field(1, ge=1)
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
+    max_steps: Optional[int] = Field(None, ge=1)  # overrides epochs when set
+    # GLOBAL batch: examples per optimizer step, whatever the number of workers. So one config is one
+    # experiment on 2 CPU workers or 8 GPUs, and the worker count is a runtime setting (the loss is a
+    # mean over the step's label tokens, all-reduced, so how the batch is split does not change it).
+    batch_size: int = Field(16, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     max_length: int = Field(512, ge=8)
     on_overlength: Literal["truncate", "refuse"] = "truncate"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    zero_stage: int = Field(2, ge=0, le=3)
-    offload: bool = False
-    grad_ckpt: bool = False
-    num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = 1
-    max_failures: int = 2
-    eval_every_epoch: bool = True
-    seed: int = 0
-    # Runtime knobs of the train stage (they do not change what is learned).
-    checkpoint_every_epochs: int = Field(1, ge=1)  # DeepSpeed checkpoint + ray.train.report cadence
-    storage_path: Optional[str] = None  # Ray Train storage (a shared path/URI on clusters); default <out>/ray_train
-    keep_checkpoints: bool = False  # keep the Ray Train checkpoints under <out>/ray_train after export
-    log_every: Optional[int] = Field(None, ge=1)  # train-loss logging cadence in steps; default ~50 points per run
     grad_clip: float = Field(1.0, ge=0)  # 0 disables
+    seed: int = 0
+    # Checkpoint selection on the validation split carved out by curate: every `eval_every_steps`
+    # steps (and at the last) the student generates greedily for up to `val_max_examples` val
+    # questions (the paper's answer rule), and the checkpoint best by `select` is exported.
+    select: Literal["val_accuracy", "val_loss", "last"] = "val_accuracy"
+    eval_every_steps: Optional[int] = Field(None, ge=1)  # default: about 10 evaluations per run
+    val_max_examples: Optional[int] = Field(200, ge=1)  # None: the whole val split
+    val_max_new_tokens: int = Field(160, ge=1)
+    # Where and how the steps run: none of these change what is learned.
+    num_workers: int = runtime(2, ge=1)
+    micro_batch_size: Optional[int] = runtime(None, ge=1)  # per worker per forward; default: batch_size / num_workers
+    zero_stage: int = runtime(2, ge=0, le=3)
+    offload: bool = runtime(False)
+    grad_ckpt: bool = runtime(False)
+    use_gpu: bool = runtime(False)
+    cpus_per_worker: float = runtime(1, gt=0)
+    max_failures: int = runtime(2, ge=0)
+    checkpoint_every_steps: Optional[int] = runtime(None, ge=1)  # default: at every validation
+    storage_path: Optional[str] = runtime(None)  # Ray Train storage (a shared path/URI on clusters); default <out>/ray_train
+    keep_checkpoints: int = runtime(2, ge=1)  # Ray Train checkpoints kept (the best and the latest always are)
+    log_every: Optional[int] = runtime(None, ge=1)  # train-loss logging cadence in steps; default ~50 points per run
     # DeepSpeed JIT-compiles a shared-memory all-reduce op on CPU (~40 s) that only its inference
     # all-reduce uses; training never needs it, so CPU runs skip it unless asked for.
-    cpu_shm_comm: bool = False
+    cpu_shm_comm: bool = runtime(False)
+
+    def grad_accum(self) -> int:
+        """Micro-batches per worker per step (derived: batch_size = workers x micro x accum)."""
+        return self.batch_size // (self.num_workers * self.micro_batch())
+
+    def micro_batch(self) -> int:
+        return self.micro_batch_size or max(1, self.batch_size // self.num_workers)
 
 
-class EvalEndpointConfig(_Section):
+class EndpointConfig(_Section):
     """An OpenAI-compatible model to evaluate as a baseline (zero-shot / zero-shot-CoT / few-shot-CoT)."""
 
     base_url: str
     model: str
     api: Literal["completions", "chat"] = "completions"
-    api_key_env: str = "OPENAI_API_KEY"  # the *name* of the variable, never the key
-    concurrency: int = Field(16, ge=1)
-    timeout_s: float = Field(60.0, gt=0)
-    max_attempts: int = Field(5, ge=1)
+    api_key_env: str = runtime("OPENAI_API_KEY")  # the *name* of the variable, never the key
+    concurrency: int = runtime(16, ge=1)
+    timeout_s: float = runtime(60.0, gt=0)
+    max_attempts: int = runtime(5, ge=1)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str) -> str:
+        return _check_env_name(v, "eval.endpoint.api_key_env")
 
 
 class EvalConfig(_Section):
     student: Optional[str] = None  # exported folder; default: the pipeline's trained one
     split: Literal["train", "val", "test"] = "test"
-    batch_size: int = Field(32, ge=1)
     max_new_tokens: int = Field(128, ge=1)
-    num_replicas: int = Field(1, ge=1)
     samples: int = Field(1, ge=1)  # self-consistency k
     temperature: float = Field(0.0, ge=0)
     seed: int = 0
@@ -181,23 +257,27 @@ class EvalConfig(_Section):
     # the trained student. None: evaluate the student (its method is train.method).
     baseline: Optional[Literal["zero_shot", "zero_shot_cot", "few_shot_cot"]] = None
     baseline_model: Optional[str] = None
-    endpoint: Optional[EvalEndpointConfig] = None
+    endpoint: Optional[EndpointConfig] = None
     # A Fine-tune-CoT output without `-->` counts as wrong (DESIGN); false: the paper's last-candidate fallback.
     require_marker: bool = True
-    cpus_per_replica: float = Field(1, gt=0)
-    torch_threads: Optional[int] = Field(None, ge=1)  # per replica; default: cpus_per_replica
+    # Batched greedy output equals one-at-a-time output, and sampled outputs are seeded per question
+    # (student/generate.py), so none of these change a prediction.
+    batch_size: int = runtime(32, ge=1)
+    num_replicas: int = runtime(1, ge=1)
+    cpus_per_replica: float = runtime(1, gt=0)
+    torch_threads: Optional[int] = runtime(None, ge=1)  # per replica; default: cpus_per_replica
 
 
 class TuneConfig(_Section):
-    num_samples: int = 4
-    max_concurrent_trials: int = 1
+    num_samples: int = Field(4, ge=1)
+    max_concurrent_trials: int = Field(1, ge=1)
     metric: str = "val_accuracy"
     space: dict[str, Any] = Field(default_factory=dict)
 
 
 class ServeConfig(_Section):
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(8000, ge=0, le=65535)
     students: list[str] = Field(default_factory=list)
 
 
@@ -213,10 +293,17 @@ class PipelineConfig(_Section):
     vanilla: bool = True
     teacher_row: bool = True
 
+    @field_validator("diversity")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(d < 1 for d in v):
+            raise ValueError(f"every D must be >= 1, got {v}")
+        return v
+
 
 class ResourcesConfig(_Section):
     address: Optional[str] = None  # Ray address; None: connect to RAY_ADDRESS or start a local Ray
-    num_cpus: Optional[int] = None  # for a local Ray started here
+    num_cpus: Optional[int] = Field(None, ge=1)  # for a local Ray started here
 
 
 class Config(_Section):
@@ -241,6 +328,77 @@ class Config(_Section):
             raise ValueError("run_dir must not be empty")
         return v
 
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> "Config":
+        problems = cross_field_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def cross_field_problems(c: Config) -> list[str]:
+    """Combinations each field allows alone but that cannot run together, each naming its keys."""
+    out = []
+    t, e = c.train, c.eval
+    if e.samples > 1 and e.temperature <= 0:
+        out.append(f"eval.samples={e.samples} (self-consistency) needs eval.temperature > 0 (e.g. 0.7)")
+    if e.baseline and not (e.baseline_model or e.endpoint):
+        out.append(f"eval.baseline={e.baseline} needs eval.baseline_model (an HF folder) or eval.endpoint")
+    if e.baseline and e.baseline_model and e.endpoint:
+        out.append("set only one of eval.baseline_model and eval.endpoint")
+    if not e.baseline and (e.baseline_model or e.endpoint):
+        out.append("eval.baseline_model / eval.endpoint are only used with eval.baseline (zero_shot, ...)")
+    if t.offload and t.zero_stage == 0:
+        out.append("train.offload=true needs train.zero_stage >= 1 (ZeRO-Offload moves partitioned optimizer state)")
+    if t.precision == "fp16" and not t.use_gpu:
+        out.append("train.precision=fp16 needs train.use_gpu=true (use bf16 or fp32 on CPU)")
+    if t.select != "last" and c.curate.val_fraction <= 0:
+        out.append(f"train.select={t.select} needs a validation split: curate.val_fraction > 0 (or train.select=last)")
+    per_step = t.num_workers * t.micro_batch()
+    if t.batch_size % per_step:
+        out.append(f"train.batch_size={t.batch_size} (global) must be a multiple of train.num_workers={t.num_workers} "
+                   f"x train.micro_batch_size={t.micro_batch()}")
+    too_big = [d for d in c.pipeline.diversity if d > c.teacher.samples]
+    if too_big:
+        out.append(f"pipeline.diversity {too_big} exceeds teacher.samples={c.teacher.samples} (D_max): "
+                   "raise teacher.samples or drop those D values")
+    if c.curate.diversity > c.teacher.samples:
+        out.append(f"curate.diversity={c.curate.diversity} exceeds teacher.samples={c.teacher.samples} (D_max)")
+    if not c.pipeline.diversity and not c.pipeline.vanilla:
+        out.append("pipeline.diversity is empty and pipeline.vanilla is false: nothing to train")
+    tc = c.teacher
+    if tc.budget_usd is not None and tc.model not in tc.prices:
+        out.append(f"teacher.budget_usd is set but teacher.prices has no entry for model {tc.model!r}: "
+                   f"add teacher.prices.{tc.model}.input / .output (USD per 1M tokens)")
+    if tc.sim.mode == "replay" and tc.base_url is None and not tc.sim.replay_path:
+        out.append("teacher.sim.mode=replay needs teacher.sim.replay_path (a completions table or D_*.json)")
+    return out
+
+
+# --------------------------------------------------------------------------- field declarations
+
+
+def field_stages(model: type[BaseModel], name: str, owner: Optional[str]) -> list[str]:
+    """The stages whose result the field `name` of `model` (in a section owned by `owner`) changes."""
+    extra = model.model_fields[name].json_schema_extra or {}
+    if extra.get("runtime") or owner is None:
+        return []
+    return [owner, *extra.get("affects", [])]
+
+
+def result_material(section: BaseModel, owner: Optional[str], stage: str) -> dict:
+    """The values of a section's fields that change `stage`'s result (nested sections recursed)."""
+    out = {}
+    for name in type(section).model_fields:
+        if stage not in field_stages(type(section), name, owner):
+            continue
+        value = getattr(section, name)
+        if isinstance(value, BaseModel):
+            out[name] = result_material(value, owner, stage)
+        else:
+            out[name] = value.model_dump(mode="json") if hasattr(value, "model_dump") else copy.deepcopy(value)
+    return out
+
 
 # --------------------------------------------------------------------------- loading
 
@@ -257,30 +415,38 @@ def preset_names() -> list[str]:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
 
 
-def _source_dict(source: str | None) -> dict:
-    """A preset name or a YAML path -> raw dict (with `base:` presets merged underneath)."""
-    if source is None:
-        source = "quickstart"
+def _resolve_source(source: str) -> Path:
     path = Path(source)
-    if not (path.suffix in (".yaml", ".yml") and path.exists()):
-        preset = Path(str(resources.files("ftcot_ray") / "configs")) / f"{source}.yaml"
-        if not preset.exists():
-            raise ConfigError(
-                f"config {source!r} is neither a YAML file nor a preset; presets: {', '.join(preset_names())}"
-            )
-        path = preset
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    preset = Path(str(resources.files("ftcot_ray") / "configs")) / f"{source}.yaml"
+    if not preset.exists():
+        raise ConfigError(f"config {source!r} is neither a YAML file nor a preset; presets: {', '.join(preset_names())}")
+    return preset
+
+
+def _source_dict(source: str | None, chain: tuple[Path, ...] = ()) -> dict:
+    """A preset name or a YAML path -> raw dict (with `base:` presets merged underneath)."""
+    path = _resolve_source(source or "quickstart").resolve()
+    if path in chain:
+        names = " -> ".join(str(p) for p in (*chain, path))
+        raise ConfigError(f"{chain[-1]}: `base:` makes a cycle ({names})")
     raw = _read_yaml(path)
     base = raw.pop("base", None)
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"{path}: `base:` must be a preset name or a YAML path, got {base!r}")
     if base:
-        raw = _deep_merge(_source_dict(base), raw)
+        raw = _deep_merge(_source_dict(base, (*chain, path)), raw)
     return raw
 
 
@@ -322,6 +488,8 @@ def apply_overrides(raw: dict, overrides: dict[str, Any] | list[str] | None) -> 
         node = out
         for p in parts[:-1]:
             nxt = node.setdefault(p, {})
+            if nxt is None:
+                nxt = node[p] = {}
             if not isinstance(nxt, dict):
                 raise ConfigError(f"override {'.'.join(parts)}: {p!r} is not a section")
             node = nxt
@@ -333,11 +501,15 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
     lines = [f"invalid config ({origin}):"]
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"])
+        msg = str(e["msg"]).removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             lines.append(f"  {loc}: unknown key")
+        elif not loc:  # a cross-field rule: its message names the keys
+            lines.extend(f"  {m}" for m in msg.split("; "))
+        elif loc.endswith("api_key_env"):  # never echo: the value may be a pasted key
+            lines.append(f"  {msg}")
         else:
-            got = e.get("input")
-            lines.append(f"  {loc}: {e['msg']} (got {got!r})")
+            lines.append(f"  {loc}: {msg} (got {e.get('input')!r})")
     return "\n".join(lines)
 
 

@@ -22,33 +22,23 @@ from typing import Iterable
 
 import numpy as np
 
+from .errors import DataError
 from .prompts import ft_cot_completion, student_prompt, vanilla_completion
 from .tasks.base import Task
 
 # Why a row was not kept, in the order they are checked (the first that applies is reported).
 REJECT_REASONS = ("api_error", "truncated", "no_answer", "wrong_answer", "duplicate")
-# What curate reads from the completions table (the rest of its columns are carried through).
-REQUIRED_COLUMNS = ("sample_index", "sample_idx", "split", "question", "answer", "rationale",
-                    "answer_completion", "finish_reason", "error")
 TRAIN_SPLITS = ("train", "val")
 
 
 # --------------------------------------------------------------------------- checks
 
 
-def check_columns(rows: Iterable[dict], where: str) -> None:
-    """Every row has the columns curate reads; the error names the file, the row and the column."""
-    for n, row in enumerate(rows, 1):
-        missing = [c for c in REQUIRED_COLUMNS if c not in row]
-        if missing:
-            raise ValueError(f"{where}: row {n} (sample_index={row.get('sample_index')}) lacks column(s) {', '.join(missing)}")
-
-
 def check_diversity(rows: list[dict], diversity: int) -> int:
     """D_max of the table; a D above it is an error (silently training on fewer samples would mislead)."""
     d_max = max((int(r["sample_idx"]) for r in rows), default=-1) + 1
     if diversity > d_max:
-        raise ValueError(
+        raise DataError(
             f"curate.diversity={diversity} but the teach output holds only {d_max} sample(s) per question: "
             f"re-run teach with teacher.samples>={diversity}, or lower curate.diversity"
         )
@@ -158,9 +148,9 @@ def check_problems_match(problems: list[dict], rows: list[dict], where: str) -> 
     for r in rows:
         i = int(r["sample_index"])
         if i not in question_of:
-            raise ValueError(f"{where}: completion for sample_index {i} has no problem in the data stage's problems table")
+            raise DataError(f"{where}: completion for sample_index {i} has no problem in the data stage's problems table")
         if question_of[i].strip() != str(r["question"]).strip():
-            raise ValueError(
+            raise DataError(
                 f"{where}: sample_index {i}: the completion's question differs from the data stage's "
                 f"(teach and data were run with different data configs?)"
             )
@@ -249,9 +239,9 @@ def check_some_kept(curated: list[dict], where: str) -> None:
     if any(r["kept"] for r in train_rows):
         return
     if not train_rows:
-        raise ValueError(f"{where}: no completions of training questions (teacher.splits must include 'train')")
+        raise DataError(f"{where}: no completions of training questions (teacher.splits must include 'train')")
     reasons = Counter(r["reject_reason"] for r in train_rows)
     top, _ = reasons.most_common(1)[0]
     counts = ", ".join(f"{k}={v}" for k, v in reasons.most_common())
-    raise ValueError(f"{where}: no rationale kept of {len(train_rows)} training completions ({counts}): {_HINTS[top]}")
+    raise DataError(f"{where}: no rationale kept of {len(train_rows)} training completions ({counts}): {_HINTS[top]}")
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from . import prompts
+from .tasks import answers
 from .io import read_jsonl
 
 MARKERS: dict[str, Optional[str]] = {
@@ -113,15 +114,15 @@ def read_prediction(task, output: str, method: str, require_marker: bool = True)
     if method not in MARKERS:
         raise ValueError(f"unknown eval method {method!r}; methods: {', '.join(METHODS)}")
     if marker is None:
-        pred = task.extract_answer(output, None)
+        pred = answers.extract_answer(task, output, None)
         return pred, pred is not None
     if method == "zero_shot_cot":  # we wrote the trigger ourselves; the rationale may repeat it, so take the last
-        pred = task.extract_answer(output.rsplit(marker, 1)[-1], None)
+        pred = answers.extract_answer(task, output.rsplit(marker, 1)[-1], None)
         return pred, pred is not None
     has_marker = marker in output
     if not has_marker and method == "ft_cot" and require_marker:
         return None, False
-    pred = task.extract_answer(output, marker)
+    pred = answers.extract_answer(task, output, marker)
     return pred, has_marker and pred is not None
 
 
@@ -165,7 +166,7 @@ def grade_row(task, row: dict, method: str, require_marker: bool = True) -> dict
         "answer": gold,
         "output": outputs[0],
         "prediction": voted,
-        "correct": task.is_correct(voted, gold),
+        "correct": answers.is_correct(task, voted, gold),
         "well_formed": read[0][1],
         "output_tokens": tokens[0] if tokens else None,
         "error": row.get("error"),
@@ -175,7 +176,7 @@ def grade_row(task, row: dict, method: str, require_marker: bool = True) -> dict
             "samples": outputs,
             "sample_predictions": preds,
             "prediction_at_1": preds[0],
-            "correct_at_1": task.is_correct(preds[0], gold),
+            "correct_at_1": answers.is_correct(task, preds[0], gold),
             "samples_well_formed": sum(w for _, w in read),
             "samples_output_tokens": tokens,
         }

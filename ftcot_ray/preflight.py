@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .config import Config, ConfigError
+from .config import Config
+from .errors import ConfigError, FtcotError
 
 
 def _hub_files_cached(repo_id: str) -> bool:
@@ -58,22 +59,42 @@ def check_teacher(cfg: Config) -> dict:
 
 
 def check_data(cfg: Config) -> dict:
-    from .tasks.custom import resolve_task
+    """Load the data as the data stage will (well under a second), and say whether it can be trained on."""
+    from .artifacts import is_complete, stage_dir
+    from .stages.data import build
 
+    if is_complete(stage_dir(cfg, "data")):
+        return {"data": "problems already in the run folder", "ok": True}
     try:
-        task = resolve_task(cfg.data)
-    except (KeyError, ValueError) as e:
-        return {"data": str(e.args[0] if e.args else e), "ok": False}
-    if task.synthetic:
-        return {"data": f"{task.name}: generated (train {cfg.data.train_size}, test {cfg.data.test_size})", "ok": True}
-    if not cfg.data.source or not Path(cfg.data.source).exists():
-        return {"data": f"{task.name} needs data.source (the raw benchmark folder); {cfg.data.source!r} does not exist",
+        rows, split, notes = build(cfg)
+    except (FtcotError, OSError) as e:
+        return {"data": str(e), "ok": False}
+    if not split.get("train"):
+        return {"data": f"{cfg.data.dataset}: no train split to fine-tune on ({'; '.join(notes)})", "ok": False}
+    return {"data": f"{cfg.data.dataset}: {len(split['train'])} train / {len(split.get('test', []))} test questions",
+            "ok": True}
+
+
+def check_run_dir(cfg: Config) -> dict:
+    """The run folder can be written (checked without creating it)."""
+    import tempfile
+
+    path = Path(cfg.run_dir).resolve()
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    try:
+        if existing is None or not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a folder")
+        fd, probe = tempfile.mkstemp(prefix=".ftcot-probe-", dir=existing)  # os.access says yes to root
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return {"run_dir": f"run_dir {cfg.run_dir} is not writable ({e.strerror or e}): choose another run_dir",
                 "ok": False}
-    return {"data": f"{task.name} from {cfg.data.source}", "ok": True}
+    return {"run_dir": f"{cfg.run_dir} is writable", "ok": True}
 
 
 def preflight(cfg: Config, strict: bool = False) -> list[dict]:
-    checks = [check_data(cfg), check_teacher(cfg), check_student(cfg)]
+    checks = [check_run_dir(cfg), check_data(cfg), check_teacher(cfg), check_student(cfg)]
     bad = [next(v for k, v in c.items() if k != "ok") for c in checks if not c["ok"]]
     if strict and bad:
         raise ConfigError("preflight failed before any work:\n  " + "\n  ".join(bad))

@@ -12,67 +12,53 @@ What it does (prompts, answer rules, vote, metrics) lives in ftcot_ray/evaluatio
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from pathlib import Path
 from typing import Optional
 
-from ..artifacts import begin, finish, is_complete, read_manifest, require, stage_dir, write_json
-from ..cli import add_stage_arguments, run_stage
-from ..config import Config, ConfigError
-from ..io import InputFileError, read_jsonl, write_jsonl
 from .. import evaluation as ev
+from ..artifacts import open_stage, require, stage_dir
+from ..config import Config
+from ..errors import DataError, InputMissing
+from ..schemas import read_table, table_path
+from ..student.card import read_card
 
 STAGE = "eval"
-INPUT_COLUMNS = {"problems.jsonl": ["sample_index", "question", "answer", "split"]}
-OUTPUT_COLUMNS = {
-    "predictions.jsonl": ["sample_index", "question", "answer", "output", "prediction", "correct", "well_formed",
-                          "output_tokens", "error"],
-    "metrics.json": ["method", "accuracy", "n", "correct", "well_formed", "mean_output_tokens", "examples_per_s"],
-}
+INPUTS = ("problems",)
+OUTPUTS = ("predictions",)
 ZERO_SHOT_COT_ANSWER_TOKENS = 32  # step 2 only has to say the answer (the teacher's answer_max_tokens)
 
 
 # --------------------------------------------------------------------------- inputs
 
 
-def resolve_method(cfg: Config) -> str:
-    return cfg.eval.baseline or cfg.train.method
-
-
-def check_config(cfg: Config) -> None:
-    e = cfg.eval
-    if e.samples > 1 and e.temperature <= 0:
-        raise ConfigError(f"eval.samples={e.samples} (self-consistency) needs eval.temperature > 0 (e.g. 0.7)")
-    if e.baseline and not (e.baseline_model or e.endpoint):
-        raise ConfigError(f"eval.baseline={e.baseline} needs eval.baseline_model (an HF folder) or eval.endpoint")
-    if e.baseline and e.baseline_model and e.endpoint:
-        raise ConfigError("set only one of eval.baseline_model and eval.endpoint")
-    if not e.baseline and (e.baseline_model or e.endpoint):
-        raise ConfigError("eval.baseline_model / eval.endpoint are only used with eval.baseline (zero_shot, ...)")
+def resolve_method(cfg: Config, student: Optional[Path] = None) -> str:
+    """A baseline's name, else the student's method: from its card (what it was trained as), else train.method."""
+    if cfg.eval.baseline:
+        return cfg.eval.baseline
+    card = read_card(student) if student is not None else None
+    return card.method if card else cfg.train.method
 
 
 def problems_path(cfg: Config, inp: str | Path | None) -> Path:
     """`--in` (a problems file or a folder holding problems.jsonl), else the curate stage's table."""
     if inp:
-        p = Path(inp)
-        p = p / "problems.jsonl" if p.is_dir() else p
+        p = table_path(inp, "problems")
         if not p.is_file():
-            raise FileNotFoundError(f"problems table {p} not found (--in takes a problems.jsonl or its folder)")
+            raise InputMissing(f"problems table {p} not found (--in takes a problems.jsonl or its folder)")
         return p
-    return require(stage_dir(cfg, "curate"), "curate") / "problems.jsonl"
+    return table_path(require(stage_dir(cfg, "curate"), "curate"), "problems")
 
 
 def load_problems(path: Path, split: str) -> list[dict]:
-    rows = read_jsonl(path)
-    for i, r in enumerate(rows, 1):
-        missing = [c for c in INPUT_COLUMNS["problems.jsonl"] if c not in r]
-        if missing:
-            raise InputFileError(f"{path}: record {i}: missing column(s) {', '.join(missing)}")
+    rows = read_table(path, "problems", columns=("sample_index", "question", "answer", "split"))
     chosen = [r for r in rows if r["split"] == split]
     if not chosen:
         splits = sorted({r["split"] for r in rows})
-        raise ValueError(f"{path}: no problems in split {split!r} (splits present: {', '.join(splits)})")
+        raise DataError(f"{path}: no problems in split {split!r} (splits present: {', '.join(splits)}); "
+                        "set eval.split")
     return chosen
 
 
@@ -80,7 +66,10 @@ def student_path(cfg: Config) -> Path:
     if cfg.eval.baseline:
         return Path(cfg.eval.baseline_model)
     if cfg.eval.student:
-        return Path(cfg.eval.student)
+        path = Path(cfg.eval.student)
+        if not (path / "config.json").is_file():
+            raise InputMissing(f"eval.student={path}: no config.json there (a save_pretrained folder is expected)")
+        return path
     return require(stage_dir(cfg, "train"), "train") / "student"
 
 
@@ -105,7 +94,7 @@ class StudentPredictor:
         indices = [int(i) for i in batch["sample_index"]]
         t0 = time.perf_counter()
         outputs, tokens = generate_for_method(self.student, self.method, questions, self.exemplars,
-                                              seed=self.seed + min(indices), **self.gen)
+                                              seeds=[self.seed + i for i in indices], **self.gen)
         seconds = time.perf_counter() - t0
         return {
             "sample_index": indices,
@@ -117,13 +106,13 @@ class StudentPredictor:
 
 def generate_for_method(student, method: str, questions: list[str], exemplars: Optional[str], *,
                         max_new_tokens: int, batch_size: int, num_samples: int, temperature: float,
-                        seed: int) -> tuple[list[list[str]], list[list[int]]]:
+                        seeds: list[int]) -> tuple[list[list[str]], list[list[int]]]:
     """k outputs (and their token counts) per question, with the method's prompt(s)."""
     from ..student.generate import generate
 
     prompts = [ev.first_prompt(method, q, student.family, exemplars) for q in questions]
     gens = generate(student, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                    num_samples=num_samples, temperature=temperature, seed=seed)
+                    num_samples=num_samples, temperature=temperature, seeds=seeds)
     stop = ev.is_prompted(method)
     outputs = [[ev.cut_at_stop(g.text) if stop else g.text for g in gs] for gs in gens]
     tokens = [[g.n_tokens for g in gs] for gs in gens]
@@ -176,9 +165,12 @@ def ray_generate(cfg: Config, path: Path, method: str, problems: list[dict], exe
 async def _endpoint_outputs(cfg: Config, method: str, problems: list[dict], exemplars: Optional[str]) -> list[dict]:
     from openai import AsyncOpenAI
 
+    from ..teacher.client import Secret, redact
+
     e, ep = cfg.eval, cfg.eval.endpoint
     # The key is read from the environment at call time and never logged or written.
-    client = AsyncOpenAI(base_url=ep.base_url, api_key=os.environ.get(ep.api_key_env) or "EMPTY",
+    secret = Secret(os.environ.get(ep.api_key_env) or "EMPTY")
+    client = AsyncOpenAI(base_url=ep.base_url, api_key=secret.get(),
                          max_retries=ep.max_attempts - 1, timeout=ep.timeout_s)
     sem = asyncio.Semaphore(ep.concurrency)
 
@@ -210,7 +202,7 @@ async def _endpoint_outputs(cfg: Config, method: str, problems: list[dict], exem
                     "error": None}
         except Exception as exc:  # a failed request is a graded-wrong row with its error, never a lost question
             return {"sample_index": p["sample_index"], "outputs": [""] * e.samples, "output_tokens": [],
-                    "error": f"{type(exc).__name__}: {exc}"[:500]}
+                    "error": redact(f"{type(exc).__name__}: {exc}", secret)[:500]}
 
     try:
         from tqdm.asyncio import tqdm_asyncio
@@ -244,8 +236,6 @@ def _labels(cfg: Config, method: str, student: Optional[Path]) -> dict:
 
 def _student_facts(path: Path) -> dict:
     """params / model type from the folder's config + safetensors header, without loading the model here."""
-    import json
-
     facts: dict = {}
     try:
         facts["model_type"] = json.loads((path / "config.json").read_text()).get("model_type")
@@ -260,6 +250,18 @@ def _student_facts(path: Path) -> dict:
     except (OSError, ValueError):
         pass
     return facts
+
+
+def _selection(student: Optional[Path]) -> dict:
+    """Which checkpoint training chose for this student, and its validation figures (for the report)."""
+    path = student.parent / "metrics.json" if student is not None else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        sel = json.loads(path.read_text()).get("selection") or {}
+    except (OSError, ValueError):
+        return {}
+    return {"selected_step": sel.get("step"), "val_accuracy": sel.get("val_accuracy"), "select": sel.get("select")}
 
 
 def _prod(shape) -> int:
@@ -300,33 +302,20 @@ def evaluate_problems(cfg: Config, problems: list[dict], method: str, student: O
 
 
 def run(cfg: Config, out: Path | None = None, inp: Path | None = None) -> dict:
-    out = Path(out) if out else stage_dir(cfg, STAGE)
-    if is_complete(out):
-        return read_manifest(out)["summary"] | {"reused": True}
-    check_config(cfg)
-    method = resolve_method(cfg)
+    st = open_stage(cfg, STAGE, out, inp, needs=None)
+    if st.reused:
+        return st.summary
     src = problems_path(cfg, inp)
     problems = load_problems(src, cfg.eval.split)
     student = None if cfg.eval.endpoint else student_path(cfg)
-    if student is not None and not (student / "config.json").is_file():
-        raise FileNotFoundError(f"student folder {student} has no config.json (a save_pretrained folder is expected)")
-    begin(out)
+    method = resolve_method(cfg, student)
     predictions, metrics = evaluate_problems(cfg, problems, method, student)
     metrics = _labels(cfg, method, student) | (_student_facts(student) if student else {}) | metrics
+    metrics |= _selection(student)
     metrics["problems"] = str(src)
-    write_jsonl(out / "predictions.jsonl", predictions)
-    write_json(out / "metrics.json", metrics)
+    st.write("predictions", predictions)
+    st.write_json("metrics.json", metrics)
     summary = {k: metrics.get(k) for k in ("method", "dataset", "split", "diversity", "student", "accuracy", "n",
                                             "correct", "well_formed", "k", "accuracy_at_1", "accuracy_at_k",
                                             "examples_per_s") if metrics.get(k) is not None}
-    finish(out, cfg, STAGE, inputs={str(src): INPUT_COLUMNS["problems.jsonl"]}, outputs=OUTPUT_COLUMNS,
-           summary=summary | {"out": str(out)})
-    return summary | {"out": str(out)}
-
-
-def add_arguments(parser) -> None:
-    add_stage_arguments(parser, STAGE, "problems.jsonl (or its folder); default: the curate stage's")
-
-
-def main(args) -> int:
-    return run_stage(run, args)
+    return st.finish(summary | {"out": str(st.out)}, OUTPUTS)

@@ -5,18 +5,18 @@
          -> report (table + PNG)
 
 Every stage writes a keyed folder with manifest.json last, so a re-run skips finished work, a
-killed run continues where it stopped, and changing `train.lr` re-runs only train and eval.
+killed run continues where it stopped (training from its last checkpoint), and changing
+`train.lr` re-runs only train and eval.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from ..artifacts import is_complete, stage_dir
-from ..cli import add_config_arguments, config_from_args
-from ..config import Config, ConfigError, with_overrides
+from ..config import Config, with_overrides
+from ..logs import say
 
 STAGE = "run"
 
@@ -30,18 +30,6 @@ def variants(cfg: Config) -> list[tuple[str, Config]]:
     if cfg.pipeline.vanilla:
         out.append(("vanilla", with_overrides(cfg, {"curate.diversity": 1, "train.method": "vanilla"})))
     return out
-
-
-def check(cfg: Config) -> None:
-    """Fail before any work on a config that cannot finish."""
-    too_big = [d for d in cfg.pipeline.diversity if d > cfg.teacher.samples]
-    if too_big:
-        raise ConfigError(
-            f"pipeline.diversity {too_big} exceeds teacher.samples={cfg.teacher.samples} (D_max): "
-            f"raise teacher.samples or drop those D values"
-        )
-    if not cfg.pipeline.diversity and not cfg.pipeline.vanilla:
-        raise ConfigError("pipeline.diversity is empty and pipeline.vanilla is false: nothing to train")
 
 
 def plan(cfg: Config) -> list[dict]:
@@ -59,46 +47,36 @@ def plan(cfg: Config) -> list[dict]:
     return rows
 
 
-def run(cfg: Config, out=None, inp=None) -> dict:
+def run(cfg: Config) -> dict:
     from . import curate, data, evaluate, report, teach, train
     from ..ray_utils import init_ray
 
-    check(cfg)
     t0 = time.time()
     init_ray(cfg)
-    summaries = {"data": data.run(cfg), "teach": teach.run(cfg)}
+    summaries = {"data": data.run(cfg)}
+    say(f"data: {_line(summaries['data'], 'n', 'counts')}")
+    summaries["teach"] = teach.run(cfg)
+    say(f"teach: {_line(summaries['teach'], 'rows', 'ok', 'errors', 'requests', 'cache_hits')}")
     for label, c in variants(cfg):
-        _say(f"[{label}] curate -> train -> eval")
-        summaries[label] = {
-            "curate": curate.run(c),
-            "train": train.run(c),
-            "eval": evaluate.run(c),
-        }
-    rep = report.run_report(Path(cfg.run_dir), cfg)
-    summaries["report"] = rep
+        s = summaries[label] = {"curate": curate.run(c)}
+        say(f"[{label}] curate: {_line(s['curate'], 'kept_rows', 'questions_with_kept', 'train_questions')}")
+        s["train"] = train.run(c)
+        say(f"[{label}] train: {_line(s['train'], 'steps', 'selected_step', 'val_accuracy', 'wall_s')}")
+        s["eval"] = evaluate.run(c)
+        say(f"[{label}] eval: {_line(s['eval'], 'accuracy', 'n')}")
+    summaries["report"] = report.run_report(Path(cfg.run_dir), cfg)
     summaries["wall_s"] = round(time.time() - t0, 1)
     return summaries
 
 
-def _say(msg: str) -> None:
-    print(f"ftcot run: {msg}", flush=True)
+def _line(summary: dict, *keys: str) -> str:
+    parts = [f"{k} {_fmt(summary.get(k))}" for k in keys if summary.get(k) is not None]
+    return ", ".join(parts) + (" (reused)" if summary.get("reused") else "")
 
 
-def add_arguments(parser) -> None:
-    add_config_arguments(parser)
-    parser.add_argument("--plan", action="store_true", help="print the stages, their folders and which are done; run nothing")
-
-
-def main(args) -> int:
-    from ..preflight import preflight
-
-    cfg = config_from_args(args)
-    check(cfg)
-    if args.plan:
-        print(json.dumps({"config": cfg.name, "checks": preflight(cfg), "stages": plan(cfg)}, indent=2))
-        return 0
-    preflight(cfg, strict=True)
-    summary = run(cfg)
-    print(summary["report"].get("table", ""), flush=True)
-    print(json.dumps({"run_dir": cfg.run_dir, "report": summary["report"].get("report_md"), "wall_s": summary["wall_s"]}))
-    return 0
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return "/".join(f"{k} {x}" for k, x in v.items())
+    return str(v)

@@ -29,7 +29,8 @@ METHOD_NAMES = {
 }
 METHOD_ORDER = list(METHOD_NAMES)
 COLUMNS = ["name", "student", "params", "dataset", "split", "accuracy", "n", "correct", "well_formed",
-           "mean_output_tokens", "examples_per_s", "k", "accuracy_at_1", "accuracy_at_k"]
+           "selected_step", "val_accuracy", "mean_output_tokens", "examples_per_s", "k", "accuracy_at_1",
+           "accuracy_at_k"]
 PLOT_METHOD = "accuracy_by_method.png"
 PLOT_DIVERSITY = "accuracy_vs_diversity.png"
 PLOT_SIZE = "accuracy_vs_student_size.png"
@@ -180,8 +181,10 @@ def write_plots(run_dir: Path, plots: dict) -> list[Path]:
 def _markdown(run_dir: Path, rows: list[dict], pngs: list[Path]) -> str:
     parts = [f"# Fine-tune-CoT report: {run_dir}", "",
              "Accuracy as a fraction; `well_formed` = share of outputs with a readable answer (Fine-tune-CoT: the "
-             "`-->` marker); `examples_per_s` includes Ray start-up and model load. Fine-tune-CoT students are "
-             "selected on the validation split (the paper reports the best test epoch).", "",
+             "`-->` marker); `examples_per_s` includes Ray start-up and model load. Each student is the checkpoint "
+             "chosen on the validation split carved out of train (`train.select`, default: validation accuracy): "
+             "`selected_step` is its training step and `val_accuracy` its accuracy there; the test split is only "
+             "used for this table (the paper reports the best test epoch).", "",
              results_table(rows), ""]
     parts += [f"![{p.stem}]({p.name})" for p in pngs]
     return "\n".join(parts) + "\n"
@@ -236,24 +239,3 @@ def run_report(run_dir: str | Path, cfg: Optional[Config] = None) -> dict:
         out["mlflow_run_id"] = log_mlflow(cfg.report.mlflow_uri, cfg.report.mlflow_experiment, run_dir, rows,
                                           pngs + [run_dir / "report.md", run_dir / "results.json"])
     return out
-
-
-def add_arguments(parser) -> None:
-    from ..cli import add_config_arguments
-
-    parser.add_argument("run_dir", help="the run folder (config run_dir), holding eval/ and curate/")
-    add_config_arguments(parser)
-
-
-def main(args) -> int:
-    from ..cli import print_summary
-
-    cfg = None
-    if args.config or args.overrides:
-        from ..cli import config_from_args
-
-        cfg = config_from_args(args)
-    rep = run_report(args.run_dir, cfg)
-    print(rep["table"], flush=True)
-    print_summary({k: rep[k] for k in ("report_md", "results", "plots") if k in rep} | {"rows": len(rep["rows"])})
-    return 0

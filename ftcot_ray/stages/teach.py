@@ -13,22 +13,19 @@ run stopped by `teacher.budget_usd` continues when it is raised.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 import time
 from pathlib import Path
 from typing import Iterator
 
-from ..artifacts import MANIFEST, begin, finish, is_complete, read_manifest, require, stage_dir
-from ..cli import add_config_arguments, config_from_args, print_summary
+from ..artifacts import open_stage
 from ..config import Config
-from ..io import InputFileError, read_jsonl, write_jsonl
-from ..teacher.fanout import COMPLETION_COLUMNS, cached_row, expand_rows, fan_out, format_figures
+from ..teacher.fanout import cached_row, expand_rows, fan_out
 
 STAGE = "teach"
-INPUT_COLUMNS = {"problems": ["sample_index", "question", "answer", "split"]}
-OUTPUT_COLUMNS = {"completions": COMPLETION_COLUMNS}
+INPUTS = ("problems",)
+OUTPUTS = ("completions",)
 
 
 @contextlib.contextmanager
@@ -39,9 +36,6 @@ def teacher_endpoint(cfg: Config) -> Iterator[dict]:
     from ..teacher.sim import SimSettings, running_sim
 
     t = cfg.teacher
-    if t.budget_usd is not None and t.model not in t.prices:
-        raise ValueError(f"teacher.budget_usd is set but teacher.prices has no entry for model {t.model!r}: "
-                         f"add teacher.prices.{t.model}.input / .output (USD per 1M tokens)")
     if t.base_url is None:
         settings = SimSettings.from_config(t.sim, model=t.model)
         with running_sim(settings, subprocess_mode=True) as base_url:
@@ -57,16 +51,6 @@ def cache_dir(cfg: Config) -> Path:
     return Path(cfg.teacher.cache_dir) if cfg.teacher.cache_dir else Path(cfg.run_dir) / "teacher_cache"
 
 
-def load_problems(inp: Path, splits: list[str]) -> list[dict]:
-    path = inp / "problems.jsonl"
-    problems = read_jsonl(path)
-    for i, p in enumerate(problems, 1):
-        missing = [c for c in INPUT_COLUMNS["problems"] if c not in p]
-        if missing:
-            raise InputFileError(f"{path}:{i}: missing column(s) {', '.join(missing)}")
-    return [p for p in problems if p["split"] in splits]
-
-
 def should_rerun(cfg: Config, summary: dict, retry_errors: bool) -> bool:
     """A finished stage is re-opened only to retry its error rows, or after raising a budget that stopped it."""
     if retry_errors and summary.get("errors", 0) > 0:
@@ -77,16 +61,11 @@ def should_rerun(cfg: Config, summary: dict, retry_errors: bool) -> bool:
 
 def run(cfg: Config, out: Path | None = None, inp: Path | None = None, *, retry_errors: bool = False,
         progress: bool = True) -> dict:
-    out = Path(out) if out else stage_dir(cfg, STAGE)
-    if is_complete(out):
-        summary = read_manifest(out)["summary"]
-        if not should_rerun(cfg, summary, retry_errors):
-            return summary | {"reused": True}
-        (out / MANIFEST).unlink()  # re-open: answered rows come back from the cache, free
-    inp = require(inp or stage_dir(cfg, "data"), "data")
+    st = open_stage(cfg, STAGE, out, inp, reopen=lambda summary: should_rerun(cfg, summary, retry_errors))
+    if st.reused:
+        return st.summary
     t = cfg.teacher
-    rows = expand_rows(load_problems(inp, t.splits), t.samples)
-    begin(out)
+    rows = expand_rows([p for p in st.read("problems") if p["split"] in t.splits], t.samples)
     start = time.time()
     with teacher_endpoint(cfg) as ep:
         done, todo = split_cached(rows, cfg, ep["endpoint_id"])
@@ -103,10 +82,9 @@ def run(cfg: Config, out: Path | None = None, inp: Path | None = None, *, retry_
     done.sort(key=lambda r: (r["sample_index"], r["sample_idx"]))
     if len(done) != len(rows):
         raise RuntimeError(f"teacher fan-out returned {len(done)} rows for {len(rows)}: refusing to write a partial table")
-    write_jsonl(out / "completions.jsonl", done)
+    st.write("completions", done)
     summary = make_summary(cfg, done, stats, time.time() - start, ep["label"])
-    finish(out, cfg, STAGE, inputs={"problems": INPUT_COLUMNS["problems"]}, outputs=OUTPUT_COLUMNS,
-           summary=summary, key=out.name)
+    st.finish(summary, OUTPUTS)
     if summary["budget_stopped"]:
         print(f"ftcot teach: stopped sending before teacher.budget_usd={t.budget_usd} would be exceeded: "
               f"{summary['budget_unsent']} rows not asked (error 'budget: ...'); raise the budget and re-run "
@@ -144,44 +122,3 @@ def make_summary(cfg: Config, rows: list[dict], stats: dict, wall_s: float, labe
         "wall_s": round(wall_s, 2), "requests_per_s": round(requests / wall_s, 2) if wall_s > 0 else 0.0,
         "budget_usd": t.budget_usd, "budget_stopped": unsent > 0, "budget_unsent": unsent,
     }
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
-    parser.add_argument("--out", help="output folder (default: <run_dir>/teach/<key>)")
-    parser.add_argument("--in", dest="inp", help="data-stage folder (default: the config's)")
-    parser.add_argument("--retry-errors", action="store_true", help="re-ask the rows of a finished run that ended with an error")
-    parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
-    # nargs="+": the file follows `--from SOURCE` on the command line (`import` itself lands in the
-    # overrides positional, which argparse has already closed by then).
-    parser.add_argument("--from", dest="source", nargs="+", default=None, metavar="SOURCE FILE",
-                        help="`ftcot teach import --from reasoning-teacher D_<key>.json --out DIR`: import released completions")
-    parser.add_argument("--split", default=None, help="import: the paper's split file (<key>__default.json)")
-
-
-def main(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides or [])
-    if overrides[:1] == ["import"]:
-        return _import(args, overrides[1:])
-    cfg = config_from_args(args)
-    summary = run(cfg, args.out, args.inp, retry_errors=args.retry_errors, progress=not args.no_progress)
-    if not summary.get("reused"):
-        print(f"teacher: {summary['rows']} rows, {summary['ok']} ok, " + format_figures(
-            {**summary, "rows_error": summary["errors"]}, summary["requests_per_s"]), file=sys.stderr)
-    print_summary(summary)
-    return 0
-
-
-def _import(args: argparse.Namespace, rest: list[str]) -> int:
-    from ..teacher.importer import SOURCES, import_reasoning_teacher
-
-    source, files = (args.source[0], args.source[1:] + rest) if args.source else (None, rest)
-    if source not in SOURCES:
-        raise ValueError(f"teach import: --from must be one of {', '.join(SOURCES)} (got {source!r})")
-    if len(files) != 1 or not args.out:
-        raise ValueError("usage: ftcot teach import --from reasoning-teacher D_<key>.json --out DIR [--split FILE]")
-    print_summary(import_reasoning_teacher(files[0], args.out, split_file=args.split))
-    return 0

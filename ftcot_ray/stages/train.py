@@ -1,9 +1,16 @@
-"""train stage: fine-tune a student on the curated pairs with Ray Train (TorchTrainer) + DeepSpeed ZeRO.
+"""Train stage: fine-tune a student on the curated pairs with Ray Train (TorchTrainer) + DeepSpeed ZeRO.
 
-Driver side (here): read the pair file, build or load the tokenizer, tokenize with completion-only
-labels (plain functions in ftcot_ray.student.data), start the TorchTrainer, then copy the exported
-student and the metrics out of the final Ray Train checkpoint. The same code runs on 2 CPU workers
-(gloo) or N GPU workers (nccl); only `train.num_workers` / `train.use_gpu` change.
+Reads: `ft_cot_pairs` (or `vanilla_pairs` with train.method=vanilla) and `problems` (its val
+questions) from the curate folder. Writes: `student/` (a plain Hugging Face folder + the student
+card), metrics.json (loss curves, the validation curve, the selected step).
+
+Driver side (here): tokenize with completion-only labels (student/data.py), start the
+TorchTrainer, copy the selected student out of Ray Train's checkpoints. Worker side:
+student/loop.py. The same code runs on 2 CPU workers (gloo) or N GPU workers (nccl).
+
+Resume: Ray Train's storage (`<out>/ray_train`, or train.storage_path) and run name are derived
+from the stage key and the worker layout, so re-running the same command after a kill, a Ctrl-C
+or a lost node continues from the latest checkpoint instead of step 0.
 """
 
 from __future__ import annotations
@@ -11,72 +18,83 @@ from __future__ import annotations
 import json
 import shutil
 import time
-import uuid
 from pathlib import Path
 
-from ..artifacts import begin, finish, is_complete, read_manifest, require, stage_dir, write_json
-from ..cli import add_stage_arguments, run_stage
+from ..artifacts import digest, open_stage
 from ..config import Config
-from ..io import read_jsonl
+from ..errors import ConfigError, DataError
+from ..logs import say
+from ..schemas import table_path
+from ..student.card import card_for, write_card
+from ..tasks.custom import resolve_task
 
 STAGE = "train"
-PAIR_FILES = {"ft_cot": "ft_cot_pairs.jsonl", "vanilla": "vanilla_pairs.jsonl"}
-INPUT_COLUMNS = {name: ["sample_index", "sample_idx", "split", "prompt", "completion"] for name in PAIR_FILES.values()}
-OUTPUT_COLUMNS = {"student": ["model.safetensors", "config.json", "tokenizer.json", "generation_config.json"],
-                  "metrics.json": ["train_loss", "val_loss", "tokens_per_s", "steps", "truncated_count", "wall_s",
-                                   "num_workers", "zero_stage", "params"]}
+PAIR_TABLES = {"ft_cot": "ft_cot_pairs", "vanilla": "vanilla_pairs"}
 
 
-def run(cfg: Config, out: Path | None = None, inp: Path | None = None, fault: dict | None = None) -> dict:
-    """Train and export. `fault` ({"rank", "at_step", "marker"}) kills a worker once: for the resume test."""
-    out = Path(out) if out else stage_dir(cfg, STAGE)
-    if is_complete(out):
-        return read_manifest(out)["summary"] | {"reused": True}
-    inp = require(inp or stage_dir(cfg, "curate"), "curate")
-    begin(out)
+def run(cfg: Config, out: Path | None = None, inp: Path | None = None, fault: dict | None = None,
+        callbacks: list | None = None) -> dict:
+    """Train and export. `fault` ({"rank", "at_step", "marker"}) kills a worker once: for the resume test.
+    `callbacks`: Ray Train RunConfig callbacks (Tune passes its TuneReportCallback)."""
+    st = open_stage(cfg, STAGE, out, inp, keep=("ray_train",))
+    if st.reused:
+        return st.summary
     t0 = time.perf_counter()
+    pairs = PAIR_TABLES[cfg.train.method]
+    from ..student.data import split_pairs
 
-    train_rows, val_rows, pair_path = read_pairs(inp, cfg.train.method)
-    tokenizer = make_tokenizer(cfg, inp)
-    train_enc, val_enc = encode_splits(cfg, tokenizer, train_rows, val_rows, pair_path)
+    train_rows, val_rows = split_pairs(st.read(pairs), table_path(st.input, pairs))
+    val_questions = pick_val_questions(cfg, st.read("problems"))
+    tokenizer = make_tokenizer(cfg, st)
+    train_enc, val_enc = encode_splits(cfg, tokenizer, train_rows, val_rows, table_path(st.input, pairs))
     check_model_fits_tokenizer(cfg, tokenizer)
+    rules = resolve_task(cfg.data)
 
-    result = fit(cfg, out, tokenizer, train_enc.examples, val_enc.examples, fault)
-    metrics = collect_outputs(result, out, cfg)
+    st.prepare()
+    result = fit(cfg, st.out, st.key, tokenizer, train_enc.examples, val_enc.examples, val_questions, rules, fault,
+                 callbacks)
+    metrics = collect_outputs(result, st.out, cfg)
+    write_card(st.out / "student", card_for(cfg.student.family, cfg.train.method, cfg.data.dataset, rules,
+                                            cfg.train.max_length))
     metrics |= {"truncated_count": train_enc.stats.truncated_count + val_enc.stats.truncated_count,
                 "dropped_no_target": train_enc.stats.dropped_no_target + val_enc.stats.dropped_no_target,
                 "train_examples": len(train_enc.examples), "val_examples": len(val_enc.examples),
-                "wall_s": round(time.perf_counter() - t0, 2), "method": cfg.train.method,
-                "arch": cfg.student.arch, "size": cfg.student.size, "precision": cfg.train.precision}
-    write_json(out / "metrics.json", metrics)
+                "val_questions": len(val_questions), "wall_s": round(time.perf_counter() - t0, 2),
+                "method": cfg.train.method, "arch": cfg.student.arch, "size": cfg.student.size,
+                "precision": cfg.train.precision, "batch_size": cfg.train.batch_size,
+                "micro_batch_size": cfg.train.micro_batch(), "grad_accum": cfg.train.grad_accum()}
+    st.write_json("metrics.json", metrics)
+    sel = metrics["selection"]
     summary = {k: metrics[k] for k in ("steps", "tokens_per_s", "truncated_count", "wall_s", "num_workers",
-                                       "zero_stage", "params", "method", "restarts")}
-    summary |= {"final_train_loss": metrics["train_loss"][-1][1] if metrics["train_loss"] else None,
-                "final_val_loss": metrics["val_loss"][-1][1] if metrics["val_loss"] else None,
-                "student": str(out / "student")}
-    finish(out, cfg, STAGE, inputs={pair_path.name: INPUT_COLUMNS[pair_path.name]}, outputs=OUTPUT_COLUMNS,
-           summary=summary)
-    return summary
+                                       "zero_stage", "params", "method", "restarts", "resumed_from_step")}
+    summary |= {"selected_step": sel["step"], "select": sel["select"], "val_accuracy": sel.get("val_accuracy"),
+                "val_loss": sel.get("val_loss"),
+                "final_train_loss": metrics["train_loss"][-1][1] if metrics["train_loss"] else None,
+                "student": str(st.out / "student")}
+    return st.finish(summary)
 
 
-def read_pairs(inp: Path, method: str) -> tuple[list[dict], list[dict], Path]:
-    from ..student.data import split_pairs
+def pick_val_questions(cfg: Config, problems: list[dict]) -> list[dict]:
+    """The val questions the student answers at each validation ({"prompt", "answer"}), capped."""
+    from ..prompts import student_prompt
 
-    path = Path(inp) / PAIR_FILES[method]
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: the curate output has no {PAIR_FILES[method]} (train.method={method})")
-    train, val = split_pairs(read_jsonl(path), path)
-    return train, val, path
+    val = sorted((p for p in problems if p["split"] == "val"), key=lambda p: p["sample_index"])
+    if not val and cfg.train.select == "val_accuracy":
+        raise DataError(f"train.select=val_accuracy but the curate output has no val questions: "
+                        "raise curate.val_fraction, or set train.select=last")
+    cap = cfg.train.val_max_examples
+    return [{"prompt": student_prompt(str(p["question"]).strip(), cfg.student.family), "answer": str(p["answer"])}
+            for p in (val[:cap] if cap else val)]
 
 
-def make_tokenizer(cfg: Config, inp: Path):
+def make_tokenizer(cfg: Config, st):
     """The user's tokenizer, the pretrained student's, or a BPE trained on both pair files of the run."""
     from ..student.tokenizer import load_tokenizer, pair_texts, train_tokenizer
 
     s = cfg.student
     if s.tokenizer or s.pretrained:
         return load_tokenizer(s.tokenizer or s.pretrained)
-    rows = [r for name in PAIR_FILES.values() if (Path(inp) / name).is_file() for r in read_jsonl(Path(inp) / name)]
+    rows = [r for name in PAIR_TABLES.values() if table_path(st.input, name).is_file() for r in st.read(name)]
     return train_tokenizer(pair_texts(rows), s.vocab_size)
 
 
@@ -87,8 +105,8 @@ def encode_splits(cfg: Config, tokenizer, train_rows, val_rows, path: Path):
                 source=str(path))
     train = encode_pairs(train_rows, tokenizer, **args)
     if not train.examples:
-        raise ValueError(f"{path}: every training pair's prompt fills train.max_length={cfg.train.max_length}; "
-                         "nothing left to learn")
+        raise DataError(f"{path}: every training pair's prompt fills train.max_length={cfg.train.max_length}; "
+                        "nothing left to learn")
     return train, encode_pairs(val_rows, tokenizer, **args)
 
 
@@ -109,59 +127,92 @@ def check_model_fits_tokenizer(cfg: Config, tokenizer) -> None:
     n_emb = getattr(config, "vocab_size", None)
     added = len(tokenizer) - (n_emb or 0)
     if n_emb is not None and len(tokenizer) > n_emb and (s.tokenizer is not None or added > 2):
-        raise ValueError(f"tokenizer/model mismatch: the tokenizer has {len(tokenizer)} tokens but "
-                         f"{s.pretrained} embeds only {n_emb} (student.tokenizer={s.tokenizer!r})")
+        raise ConfigError(f"tokenizer/model mismatch: the tokenizer has {len(tokenizer)} tokens but "
+                          f"{s.pretrained} embeds only {n_emb} (student.tokenizer={s.tokenizer!r})")
 
 
-def fit(cfg: Config, out: Path, tokenizer, train_examples, val_examples, fault: dict | None = None):
+def run_name(cfg: Config, key: str) -> str:
+    """Ray Train's run name: the same for a re-run of the same stage on the same worker layout, so
+    Ray Train restores its checkpoints (a DeepSpeed checkpoint only loads on the layout that wrote it)."""
+    t = cfg.train
+    return f"train-{key}-{digest([t.num_workers, t.zero_stage, t.offload, t.use_gpu], 6)}"
+
+
+def fit(cfg: Config, out: Path, key: str, tokenizer, train_examples, val_examples, val_questions, rules,
+        fault: dict | None = None, callbacks: list | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ..ray_utils import init_ray
-    from ..student.loop import train_loop
+    from ..ray_utils import BoardBar, init_ray, progress_board
+    from ..student.loop import plan, train_loop
 
     init_ray(cfg)
     t = cfg.train
     storage = t.storage_path or str((out / "ray_train").resolve())
+    name = run_name(cfg, key)
+    resumed = latest_step(Path(storage) / name) if not t.storage_path or "://" not in t.storage_path else None
+    if resumed:
+        say(f"train: resuming from the checkpoint at step {resumed} ({Path(storage) / name})")
+    total = plan(t, len(train_examples))["total"]
+    board = progress_board()
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "tokenizer": tokenizer, "train": train_examples,
-                           "val": val_examples, "fault": fault},
+                           "val": val_examples, "val_questions": val_questions, "fault": fault, "progress": board,
+                           "rules": {"name": rules.name, "kind": rules.kind, "choices": rules.choices or ""}},
         # use_gpu adds one GPU per worker; CPUs per worker matter for the data loader and CPU training.
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         run_config=RunConfig(
-            # A unique name: reusing one would restore that run's checkpoints (DESIGN).
-            name=f"train-{cfg.name}-{uuid.uuid4().hex[:8]}", storage_path=storage,
+            name=name, storage_path=storage, callbacks=callbacks or [],
             failure_config=FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Scored by improvement number: the best is kept (and Ray Train always keeps the latest).
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute="best_rank",
+                                               checkpoint_score_order="max"),
         ),
     )
-    result = trainer.fit()
+    bar = BoardBar(board, "train", f"train {cfg.train.method} ({cfg.student.arch}-{cfg.student.size})", total)
+    try:
+        result = trainer.fit()
+    finally:
+        bar.close()
     if result.error:
         raise RuntimeError(f"training failed: {result.error}") from result.error
     return result
 
 
+def latest_step(run_folder: Path) -> int | None:
+    """The step of the newest checkpoint a killed earlier attempt left (None: a fresh start)."""
+    steps = []
+    for f in run_folder.glob("checkpoint_*/ftcot_state.json"):
+        try:
+            steps.append(json.loads(f.read_text())["step"])
+        except (OSError, ValueError, KeyError):
+            pass
+    return max(steps) if steps else None
+
+
 def collect_outputs(result, out: Path, cfg: Config) -> dict:
-    """Copy the exported student out of the final checkpoint; drop Ray Train's storage unless kept."""
+    """Copy the selected student out of its checkpoint; metrics from the final one; drop the scratch storage."""
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint: no student to export")
+    ranked = [(c, m) for c, m in (result.best_checkpoints or []) if (m.get("best_rank") or -1) >= 0]
+    if not ranked:
+        raise RuntimeError("training finished without a selected checkpoint (no evaluation was reported)")
+    best, best_metrics = max(ranked, key=lambda cm: cm[1]["best_rank"])
+    with best.as_directory() as d:
+        if not (Path(d) / "student").is_dir():
+            raise RuntimeError(f"the selected checkpoint {best.path} holds no exported student")
+        shutil.copytree(Path(d) / "student", out / "student", dirs_exist_ok=True)
     with result.checkpoint.as_directory() as d:
-        d = Path(d)
-        if not (d / "student").is_dir():
-            raise RuntimeError(f"the final checkpoint {result.checkpoint.path} holds no exported student")
-        shutil.copytree(d / "student", out / "student", dirs_exist_ok=True)
-        metrics = json.loads((d / "train_metrics.json").read_text())
-    if not cfg.train.keep_checkpoints and not cfg.train.storage_path:
+        metrics = json.loads((Path(d) / "train_metrics.json").read_text())
+    chosen = metrics.get("best") or {}
+    if chosen.get("step") != best_metrics.get("step"):
+        raise RuntimeError(f"selected checkpoint step {best_metrics.get('step')} is not the best step "
+                           f"{chosen.get('step')} the training recorded")
+    metrics["selection"] = {"select": cfg.train.select, **chosen}
+    metrics["val_curve"] = metrics.pop("val", [])
+    if not cfg.train.storage_path:
         shutil.rmtree(out / "ray_train", ignore_errors=True)
     return metrics
-
-
-def add_arguments(parser) -> None:
-    add_stage_arguments(parser, STAGE, "curate stage folder (default: the run's curate output)")
-
-
-def main(args) -> int:
-    return run_stage(run, args)

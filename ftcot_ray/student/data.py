@@ -1,10 +1,19 @@
-"""Training pairs -> token ids with completion-only labels, and the batch collator.
+"""Training pairs -> token ids with completion-only labels, the global-batch schedule, the loss.
+
+Tokenization is ONE function, `prompt_ids`, used by training, validation, `ftcot eval` and the
+server alike, so a student never sees at inference a prompt it was not trained on (a T5
+tokenizer appends `</s>`, a Llama-style one prepends BOS: both are kept, everywhere).
 
 Decoder-only: input = prompt ids + completion ids + EOS; labels = -100 on the prompt (and on
 padding), the completion ids + EOS elsewhere, so the loss is on the completion only.
 Encoder-decoder: input = prompt ids; labels = completion ids + EOS (the decoder is fed the
 labels shifted right from `decoder_start_token_id`, which the model does itself).
 Sequences over `train.max_length` are truncated (counted in the stats) or refused, per config.
+
+A step is a GLOBAL batch of `train.batch_size` examples drawn from one stream of seeded epoch
+permutations (`global_batch`); each worker takes its stride of it, micro-batch by micro-batch.
+The loss of a step is the sum of the token losses over the whole batch divided by the batch's
+label tokens (`token_loss`), so 2 workers x 8 is the same objective as 1 x 16, token for token.
 """
 
 from __future__ import annotations
@@ -12,7 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from ..errors import DataError
 
 IGNORE = -100
 
@@ -35,16 +47,35 @@ class Encoded:
     stats: EncodeStats = field(default_factory=EncodeStats)
 
 
+# --------------------------------------------------------------------------- tokenization
+
+
+def prompt_ids(tokenizer, text: str, family: str) -> list[int]:
+    """The prompt's token ids, identical in training, validation, eval and serving.
+
+    With the tokenizer's own special tokens (BOS for Llama-style tokenizers, `</s>` after a T5
+    encoder input), as the pretrained model expects. A decoder-only prompt is continued by the
+    completion, so an EOS the tokenizer would append to it is dropped.
+    """
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    if family == "decoder" and ids and ids[-1] == tokenizer.eos_token_id:
+        plain = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not plain or plain[-1] != tokenizer.eos_token_id:
+            ids = ids[:-1]
+    return ids
+
+
+def completion_ids(tokenizer, text: str) -> list[int]:
+    """The completion's ids + EOS: the student learns to stop."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+
+
 def split_pairs(rows: list[dict], path: Path | str) -> tuple[list[dict], list[dict]]:
     """(train, val) rows of a pair file; a clear error when nothing is left to train on."""
-    for i, row in enumerate(rows, 1):
-        missing = [k for k in ("prompt", "completion", "split") if k not in row]
-        if missing:
-            raise ValueError(f"{path}: row {i} lacks column(s) {', '.join(missing)}")
     train = [r for r in rows if r["split"] == "train"]
     val = [r for r in rows if r["split"] == "val"]
     if not train:
-        raise ValueError(
+        raise DataError(
             f"no curated rows left to train on in {path} ({len(rows)} rows, none with split 'train'): "
             "the teacher got too few answers right, or curate filtered them all; check the curate summary"
         )
@@ -58,13 +89,9 @@ def _where(row: dict) -> str:
 def encode_pairs(rows: list[dict], tokenizer, family: str, max_length: int, on_overlength: str = "truncate",
                  source: str = "pairs") -> Encoded:
     out = Encoded()
-    if not rows:  # e.g. no val split (curate.val_fraction=0)
-        return out
-    eos = tokenizer.eos_token_id
-    prompts = tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
-    completions = tokenizer([r["completion"] for r in rows], add_special_tokens=False)["input_ids"]
-    for row, p, c in zip(rows, prompts, completions):
-        c = list(c) + [eos]
+    for row in rows:
+        p = prompt_ids(tokenizer, row["prompt"], family)
+        c = completion_ids(tokenizer, row["completion"])
         if family == "encoder-decoder":
             ex, over = _encode_seq2seq(p, c, max_length)
         else:
@@ -73,7 +100,7 @@ def encode_pairs(rows: list[dict], tokenizer, family: str, max_length: int, on_o
         out.stats.max_seen_length = max(out.stats.max_seen_length, length)
         if over:
             if on_overlength == "refuse":
-                raise ValueError(
+                raise DataError(
                     f"{source}: {_where(row)} is {length} tokens, over train.max_length={max_length} "
                     "(set train.on_overlength=truncate to cut it, or raise train.max_length)"
                 )
@@ -82,7 +109,7 @@ def encode_pairs(rows: list[dict], tokenizer, family: str, max_length: int, on_o
             out.stats.dropped_no_target += 1
             continue
         out.examples.append(ex)
-        out.stats.label_tokens += sum(1 for t in ex["labels"] if t != IGNORE)
+        out.stats.label_tokens += ex["label_tokens"]
     out.stats.examples = len(out.examples)
     return out
 
@@ -92,14 +119,17 @@ def _encode_decoder(p: list[int], c: list[int], max_length: int) -> tuple[dict |
     labels = [IGNORE] * len(p) + c
     over = len(ids) > max_length
     ids, labels = ids[:max_length], labels[:max_length]  # the paper truncates inputs and labels alike
-    if all(t == IGNORE for t in labels):
+    # The label of position t is predicted from position t-1: the first position predicts nothing.
+    n = sum(1 for t in labels[1:] if t != IGNORE)
+    if n == 0:
         return None, over
-    return {"input_ids": ids, "labels": labels}, over
+    return {"input_ids": ids, "labels": labels, "label_tokens": n}, over
 
 
 def _encode_seq2seq(p: list[int], c: list[int], max_length: int) -> tuple[dict | None, bool]:
     over = len(p) > max_length or len(c) > max_length
-    return {"input_ids": list(p)[:max_length], "labels": c[:max_length]}, over
+    labels = c[:max_length]
+    return {"input_ids": list(p)[:max_length], "labels": labels, "label_tokens": len(labels)}, over
 
 
 def collate(batch: list[dict], pad_id: int, family: str) -> dict[str, torch.Tensor]:
@@ -123,3 +153,44 @@ def batch_tokens(batch: dict[str, torch.Tensor], family: str) -> int:
     if family == "encoder-decoder":
         n += int((batch["labels"] != IGNORE).sum())
     return n
+
+
+# --------------------------------------------------------------------------- the schedule and the loss
+
+
+def steps_per_epoch(n_examples: int, batch_size: int) -> int:
+    return max(1, -(-n_examples // batch_size))
+
+
+def global_batch(n_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """The example indices of optimizer step `step` (0-based): the next `batch_size` of an endless
+    stream of seeded epoch permutations. The same for every worker count, and resumable at any step."""
+    out: list[int] = []
+    pos = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n_examples)
+        perm = np.random.RandomState((seed, epoch)).permutation(n_examples)
+        take = min(batch_size - len(out), n_examples - offset)
+        out.extend(int(i) for i in perm[offset:offset + take])
+        pos += take
+    return out
+
+
+def micro_batches(indices: list[int], rank: int, world: int, accum: int) -> list[list[int]]:
+    """This worker's `accum` micro-batches of a global batch (a stride: together, every index once)."""
+    mine = indices[rank::world]
+    size = -(-len(mine) // accum)
+    return [mine[i * size:(i + 1) * size] for i in range(accum)]
+
+
+def token_loss(model, batch: dict, family: str) -> tuple[torch.Tensor, int]:
+    """(summed cross-entropy over the label tokens, their count) for one micro-batch; -100 ignored."""
+    labels = batch["labels"]
+    if family == "encoder-decoder":
+        logits = model(**batch).logits
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = labels[:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                             ignore_index=IGNORE, reduction="sum")
+    return loss, int((labels != IGNORE).sum())

@@ -7,9 +7,7 @@ from ..config import TrainConfig
 
 def ds_config(train: TrainConfig, world_size: int) -> dict:
     zero: dict = {"stage": train.zero_stage}
-    if train.offload:
-        if train.zero_stage == 0:
-            raise ValueError("train.offload needs train.zero_stage >= 1 (ZeRO-Offload partitions the optimizer state)")
+    if train.offload:  # (offload with stage 0 is refused when the config loads)
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": train.use_gpu}
         if train.zero_stage == 3:
             zero["offload_param"] = {"device": "cpu", "pin_memory": train.use_gpu}
@@ -18,9 +16,10 @@ def ds_config(train: TrainConfig, world_size: int) -> dict:
         # so the per-rank memory figure is the real ZeRO-3 partition.
         zero["stage3_param_persistence_threshold"] = 0
     cfg = {
-        "train_micro_batch_size_per_gpu": train.batch_size,
-        "gradient_accumulation_steps": train.grad_accum,
-        "train_batch_size": train.batch_size * train.grad_accum * world_size,
+        # train.batch_size is global; the config's rules make it workers x micro-batch x accumulation.
+        "train_micro_batch_size_per_gpu": train.micro_batch(),
+        "gradient_accumulation_steps": train.batch_size // (world_size * train.micro_batch()),
+        "train_batch_size": train.batch_size,
         "zero_optimization": zero,
         "bf16": {"enabled": train.precision == "bf16"},
         "fp16": {"enabled": train.precision == "fp16", "initial_scale_power": 12},

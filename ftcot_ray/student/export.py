@@ -51,3 +51,32 @@ def save_student(state_dict: dict, base_config: PretrainedConfig, tokenizer, out
         gen.decoder_start_token_id = base_config.decoder_start_token_id
     gen.save_pretrained(out_dir)
     return out_dir
+
+
+def export_untrained(folder: Path | str, texts: list[str], *, arch: str = "gpt2", size: str = "tiny",
+                     vocab_size: int = 400, seed: int = 0, method: str = "ft_cot", dataset: str = "coin_flip_synth",
+                     max_length: int = 512, weight_scale: float = 1.0, eos_boost: float = 1.0) -> Path:
+    """A from-scratch student with random weights, exported exactly as the train stage exports a
+    trained one (tokenizer trained on `texts`, save_pretrained folder, student card): for tests,
+    benchmarks and trying a server without training first. `weight_scale` > 1 makes its output
+    varied; `eos_boost` > 1 makes it stop early sometimes (exercises padding after EOS)."""
+    from ..config import DataConfig, StudentConfig
+    from ..tasks.custom import resolve_task
+    from .card import card_for, write_card
+    from .model import build_model
+    from .tokenizer import train_tokenizer
+
+    tok = train_tokenizer(texts, vocab_size)
+    student = StudentConfig(arch=arch, size=size, vocab_size=vocab_size)
+    torch.manual_seed(seed)
+    model = build_model(student, tok, max_length)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(weight_scale)
+        head = model.get_output_embeddings().weight
+        head[tok.eos_token_id] *= eos_boost
+    folder = save_student(model.state_dict(), model.config, tok, folder, None, arch)
+    rules = resolve_task(DataConfig(dataset=dataset))
+    write_card(folder, card_for(student.family, method, dataset, rules, max_length))
+    return folder

@@ -3,8 +3,11 @@
 Batched decoding for throughput: prompts are sorted by token length and cut into micro-batches
 so little padding is computed; decoder-only students are LEFT-padded (the new tokens must follow
 the last real prompt token in every row) and the prompt is sliced off the output; generation
-stops at EOS (the train stage ends every completion with it). `generate_one` is the per-example
-reference (the original repo's shape) that the equality test and the benchmark compare against.
+stops at EOS (the train stage ends every completion with it). Prompts are tokenized by
+`student.data.prompt_ids`, the function training uses. Sampling (temperature > 0) is seeded per
+question (`seeds`, e.g. eval.seed + sample_index), so sampled outputs do not depend on how questions are
+batched or spread over replicas. `generate_one` is the per-example reference (the original repo's
+shape) that the equality test and the benchmark compare against.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import torch
+
+from ..errors import DataError, InputMissing
 
 Family = Literal["decoder", "encoder-decoder"]
 
@@ -46,7 +51,7 @@ def load_student(path: str | Path, torch_threads: int | None = None) -> Student:
 
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(
+        raise InputMissing(
             f"student folder {path} has no config.json: expected a save_pretrained folder "
             f"(the train stage writes <train out>/student/)"
         )
@@ -96,9 +101,20 @@ def _decode(student: Student, new_ids: torch.Tensor) -> list[Generation]:
     return out
 
 
-@torch.inference_mode()
-def _generate_batch(student: Student, prompts: Sequence[str], kwargs: dict) -> list[Generation]:
-    enc = student.tokenizer(list(prompts), return_tensors="pt", padding=True)
+def encode_prompts(student: Student, prompts: Sequence[str]) -> list[list[int]]:
+    from .data import prompt_ids
+
+    return [prompt_ids(student.tokenizer, p, student.family) for p in prompts]
+
+
+def pad_left_or_right(student: Student, ids: Sequence[Sequence[int]]) -> dict:
+    """A padded batch on the tokenizer's padding side (left for decoder-only students)."""
+    return student.tokenizer.pad({"input_ids": [list(x) for x in ids]}, return_tensors="pt")
+
+
+@torch.no_grad()
+def _generate_batch(student: Student, ids: Sequence[Sequence[int]], kwargs: dict) -> list[Generation]:
+    enc = pad_left_or_right(student, ids)
     ids = student.model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **kwargs)
     if student.family == "decoder":
         ids = ids[:, enc["input_ids"].shape[1]:]  # strip the (left-padded) prompt
@@ -116,6 +132,8 @@ def generate(
     num_samples: int = 1,
     temperature: float = 0.0,
     seed: int | None = None,
+    seeds: Sequence[int] | None = None,
+    synced: bool = False,
 ) -> list[list[Generation]]:
     """Batched generation: for each prompt, `num_samples` generations (greedy when temperature == 0).
 
@@ -124,18 +142,28 @@ def generate(
     """
     if num_samples > 1 and temperature <= 0:
         raise ValueError("num_samples > 1 needs temperature > 0 (greedy samples would all be equal)")
-    if seed is not None:
-        torch.manual_seed(seed)
-    lengths = [len(x) for x in student.tokenizer(list(prompts))["input_ids"]]
-    _check_length(student, max(lengths, default=0), max_new_tokens)
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    ids = encode_prompts(student, prompts)
+    _check_length(student, max((len(x) for x in ids), default=0), max_new_tokens)
     kwargs = _gen_kwargs(student, max_new_tokens, num_samples, temperature)
+    if synced:  # ZeRO-3 inside training: every rank keeps stepping until all are done
+        kwargs["synced_gpus"] = True
+    if temperature > 0:
+        # One question at a time (its k samples are still one batch), seeded by its own number:
+        # the outputs are the same whatever the batch size or the number of replicas.
+        base = 0 if seed is None else seed
+        seeds = list(seeds) if seeds is not None else [base + i for i in range(len(ids))]
+        out = []
+        for x, s in zip(ids, seeds):
+            torch.manual_seed(s)
+            out.append(_generate_batch(student, [x], kwargs))
+        return out
+    order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
     results: list[list[Generation]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        gens = _generate_batch(student, [prompts[i] for i in chunk], kwargs)
-        for j, i in enumerate(chunk):  # generate() returns the k samples of a prompt consecutively
-            results[i] = gens[j * num_samples:(j + 1) * num_samples]
+        gens = _generate_batch(student, [ids[i] for i in chunk], kwargs)
+        for j, i in enumerate(chunk):
+            results[i] = [gens[j]]
     return results
 
 
@@ -146,7 +174,7 @@ def _check_length(student: Student, prompt_tokens: int, max_new_tokens: int) -> 
     cfg = student.model.config
     limit = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
     if limit and prompt_tokens + max_new_tokens > limit:
-        raise ValueError(
+        raise DataError(
             f"student {student.path}: a prompt of {prompt_tokens} tokens + eval.max_new_tokens={max_new_tokens} "
             f"exceeds its {limit} positions; lower eval.max_new_tokens or use a shorter prompt (few-shot-CoT "
             f"exemplars are long)"
@@ -156,4 +184,4 @@ def _check_length(student: Student, prompt_tokens: int, max_new_tokens: int) -> 
 def generate_one(student: Student, prompt: str, *, max_new_tokens: int = 128) -> Generation:
     """Reference path: one prompt, no padding, greedy (the original repo's per-example loop)."""
     kwargs = _gen_kwargs(student, max_new_tokens, 1, 0.0)
-    return _generate_batch(student, [prompt], kwargs)[0]
+    return _generate_batch(student, encode_prompts(student, [prompt]), kwargs)[0]

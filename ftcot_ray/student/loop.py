@@ -1,18 +1,27 @@
 """The per-worker train function Ray Train runs on every rank (CPU/gloo here, GPU/nccl on a cluster).
 
-Each rank builds the same seeded student, wraps it with `deepspeed.initialize` (a torch AdamW and
-a transformers LR schedule, ZeRO stage from the config), trains on its DistributedSampler shard,
-measures validation loss each epoch, and saves a DeepSpeed checkpoint that it hands to
-`ray.train.report`. On a restart (FailureConfig) the last checkpoint is loaded, and training
-continues from the next epoch. The last report also carries the exported HF folder (`student/`)
-and `train_metrics.json`, so the driver gets the result from Ray Train's storage, not from a
-worker's disk.
+Each rank builds the same seeded student and wraps it with `deepspeed.initialize` (a torch AdamW,
+a transformers LR schedule, the ZeRO stage of the config). Step `s` trains on global batch `s` of
+one seeded stream (`data.global_batch`); a rank takes its stride of it, micro-batch by
+micro-batch, and the loss is normalised by the global batch's label tokens, so the objective does
+not depend on the number of workers. Every `train.eval_every_steps` steps (and at the last)
+validation measures the val loss and the val ACCURACY (greedy generation, the paper's answer
+rule); the checkpoint best by `train.select` carries an exported student. Each checkpoint goes to
+`ray.train.report`, scored so that Ray Train keeps the best and the latest.
+
+Why validation runs inside the loop rather than in Ray Train's ValidationConfig (alpha in 2.60):
+that runs asynchronously in a separate task, so its figures arrive after the report that Tune's
+ASHA needs them in, it needs an exported model in every checkpoint, and on a 2-core machine it
+competes with training for the same cores.
+
+Resume: the latest checkpoint (a DeepSpeed checkpoint with the loop's state) restores weights,
+optimizer, scheduler, the step and the curves; the batch stream continues at the next step, so a
+resumed run computes the same steps as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import tempfile
@@ -20,10 +29,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
 
 from ..config import Config
-from .data import IGNORE, batch_tokens, collate
+from .card import AnswerRules
+from .data import batch_tokens, collate, global_batch, micro_batches, steps_per_epoch, token_loss
 from .ds_config import ds_config
 from .export import gathered_state_dict, save_student
 from .model import apply_lora, build_model, count_params
@@ -31,12 +40,13 @@ from .model import apply_lora, build_model, count_params
 CKPT_TAG = "state"
 
 
-def plan_steps(n_train: int, world: int, batch_size: int, grad_accum: int, epochs: int, max_steps: int | None):
-    """(optimizer steps per epoch, total steps, epochs to run) — the same on every rank."""
-    micro_per_epoch = math.ceil(math.ceil(n_train / world) / batch_size)
-    per_epoch = max(1, math.ceil(micro_per_epoch / grad_accum))
-    total = max_steps or epochs * per_epoch
-    return per_epoch, total, math.ceil(total / per_epoch)
+def plan(t, n_train: int) -> dict:
+    """Steps and cadences, the same on every rank and in the driver."""
+    per_epoch = steps_per_epoch(n_train, t.batch_size)
+    total = t.max_steps or t.epochs * per_epoch
+    every = t.eval_every_steps or max(1, total // 10)
+    return {"per_epoch": per_epoch, "total": total, "eval_every": every,
+            "ckpt_every": t.checkpoint_every_steps or every, "log_every": t.log_every or max(1, total // 50)}
 
 
 def train_loop(config: dict) -> None:
@@ -63,56 +73,50 @@ def train_loop(config: dict) -> None:
         if t.grad_ckpt:
             model.enable_input_require_grads()
 
-    train_loader, train_sampler = _loader(config["train"], tok.pad_token_id, family, t.batch_size, rank, world, t.seed, True)
-    val_loader = None
-    if config["val"] and t.eval_every_epoch:
-        val_loader, _ = _loader(config["val"], tok.pad_token_id, family, t.batch_size, rank, world, t.seed, False)
-    per_epoch, total, epochs = plan_steps(len(config["train"]), world, t.batch_size, t.grad_accum, t.epochs, t.max_steps)
-
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
+    train, p = config["train"], plan(t, len(config["train"]))
+    total = p["total"]
+    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
     scheduler = get_scheduler(t.lr_schedule if t.lr_schedule != "constant" else "constant_with_warmup", optimizer,
                               num_warmup_steps=int(t.warmup_ratio * total), num_training_steps=total)
     skip_cpu_shm_op(t.use_gpu or t.cpu_shm_comm)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config(t, world))
     state = _resume(engine)
-    log_every = t.log_every or max(1, total // 50)
-    fault = config.get("fault") or {}
+    accum = t.grad_accum()
+    validator = Validator(config, cfg, tok, rank, world, device)
+    progress, fault = config.get("progress"), config.get("fault") or {}
+    report = Reporter(engine, cfg, tok, base_config, n_params, rank, total)
+    if state["step"] >= total:  # resumed from the final checkpoint: nothing left to train
+        report(state, evaluated=False, final=True)
+        return
 
-    progress = _progress(rank, total, engine.global_steps)
-    for epoch in range(state["epoch"], epochs):
-        train_sampler.set_epoch(epoch)
-        engine.train()
+    for step in range(state["step"], total):
         t0 = time.perf_counter()
-        for batch in train_loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            before = engine.global_steps
-            loss = engine(**batch).loss
-            engine.backward(loss)
+        indices = global_batch(len(train), t.batch_size, step, t.seed)
+        scale = world * accum / sum(train[i]["label_tokens"] for i in indices)  # see data.py: global token mean
+        loss_sum = torch.zeros(1, dtype=torch.float64)
+        engine.train()
+        for mb in micro_batches(indices, rank, world, accum):
+            batch = {k: v.to(device) for k, v in collate([train[i] for i in mb], tok.pad_token_id, family).items()}
+            loss, _ = token_loss(engine, batch, family)
+            engine.backward(loss * scale)  # DeepSpeed divides by accum and averages over ranks: undone by `scale`
             engine.step()
+            loss_sum += float(loss.detach())
             state["tokens"] += batch_tokens(batch, family)
-            if engine.global_steps == before:  # still accumulating
-                continue
-            step = engine.global_steps
-            progress.update(1)
-            if step % log_every == 0 or step == 1:
-                state["train_loss"].append([step, _mean_over_ranks(loss.detach().float(), world)])
-            _maybe_fail(fault, rank, step)
-            if step >= total:
-                break
         state["train_s"] += time.perf_counter() - t0
-        state["epoch"] = epoch + 1
-        if val_loader is not None:
-            state["val_loss"].append([epoch + 1, validation_loss(engine, val_loader, family, device)])
-        final = state["epoch"] >= epochs or engine.global_steps >= total
-        if final or state["epoch"] % t.checkpoint_every_epochs == 0:
-            _checkpoint_and_report(engine, state, rank, final, tok, base_config, cfg, n_params, total)
-        if final:
-            break
-    else:  # resumed from the final checkpoint: nothing left to train, report the export again
-        if state["epoch"] >= epochs:
-            _checkpoint_and_report(engine, state, rank, True, tok, base_config, cfg, n_params, total)
-    progress.close()
+        done = state["step"] = step + 1
+        if done % p["log_every"] == 0 or done == 1 or done == total:
+            state["train_loss"].append([done, _sum_over_ranks(loss_sum) * scale / (world * accum)])
+        if progress is not None and rank == 0 and (done % 5 == 0 or done == total):
+            progress.update.remote("train", done, total, loss=state["train_loss"][-1][1])
+        _maybe_fail(fault, rank, done)
+        evaluated = done % p["eval_every"] == 0 or done == total
+        if evaluated:
+            state["val"].append({"step": done, **validator(engine)})
+            if progress is not None and rank == 0:
+                progress.update.remote("train", done, total, val_accuracy=state["val"][-1].get("val_accuracy"))
+        if evaluated or done % p["ckpt_every"] == 0:
+            report(state, evaluated=evaluated, final=done == total)
 
 
 def skip_cpu_shm_op(wanted: bool) -> None:
@@ -129,17 +133,11 @@ def skip_cpu_shm_op(wanted: bool) -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def _loader(examples, pad_id, family, batch_size, rank, world, seed, shuffle):
-    sampler = DistributedSampler(examples, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
-    loader = DataLoader(examples, batch_size=batch_size, sampler=sampler,
-                        collate_fn=lambda b: collate(b, pad_id, family))
-    return loader, sampler
-
-
 def _resume(engine) -> dict:
     import ray.train
 
-    state = {"epoch": 0, "train_loss": [], "val_loss": [], "tokens": 0, "train_s": 0.0, "restarts": 0}
+    state = {"step": 0, "train_loss": [], "val": [], "best": None, "improvements": 0, "tokens": 0,
+             "train_s": 0.0, "restarts": 0, "resumed_from_step": None}
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return state
@@ -147,42 +145,135 @@ def _resume(engine) -> dict:
         _, client = engine.load_checkpoint(d, tag=CKPT_TAG)
     state.update(client["ftcot_state"])
     state["restarts"] += 1
+    state["resumed_from_step"] = state["step"]
     return state
 
 
-def validation_loss(engine, loader, family: str, device) -> float:
-    """Token-weighted mean loss on the completion tokens of the val split, over all ranks."""
-    engine.eval()
-    total = torch.zeros(2, dtype=torch.float64)
-    with torch.no_grad():
-        for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            total += torch.tensor(loss_sum(engine, batch, family), dtype=torch.float64)
-    engine.train()
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(total)
-    return float(total[0] / max(total[1], 1.0))
+# --------------------------------------------------------------------------- validation
 
 
-def loss_sum(model, batch: dict, family: str) -> tuple[float, float]:
-    """(summed cross-entropy, label-token count) for one batch; -100 labels are ignored."""
-    labels = batch["labels"]
-    if family == "encoder-decoder":
-        logits = model(**batch).logits
-    else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        labels = labels[:, 1:]
-    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                             ignore_index=IGNORE, reduction="sum")
-    return float(loss.detach()), float((labels != IGNORE).sum())
+class Validator:
+    """Val loss (token-weighted, all ranks) and val accuracy (greedy generation, the task's answer rule)."""
+
+    def __init__(self, config: dict, cfg: Config, tok, rank: int, world: int, device):
+        self.cfg, self.tok, self.rank, self.world, self.device = cfg, tok, rank, world, device
+        self.family = cfg.student.family
+        self.val = config["val"]
+        self.questions = config["val_questions"]  # [{"prompt", "answer"}]
+        self.rules = AnswerRules(**config["rules"])
+        self.zero3 = cfg.train.zero_stage == 3
+
+    def __call__(self, engine) -> dict:
+        engine.eval()
+        try:
+            with torch.no_grad():
+                out = self._loss(engine)
+                if self.questions:
+                    out |= self._accuracy(engine)
+        finally:
+            engine.train()
+        return out
+
+    def _loss(self, engine) -> dict:
+        if not self.val:
+            return {}
+        totals = torch.zeros(2, dtype=torch.float64)
+        mb = self.cfg.train.micro_batch()
+        # ZeRO-3 gathers parameters collectively in every forward: all ranks then take every batch.
+        mine = self.val if self.zero3 else self.val[self.rank::self.world]
+        for i in range(0, len(mine), mb):
+            batch = {k: v.to(self.device) for k, v in collate(mine[i:i + mb], self.tok.pad_token_id, self.family).items()}
+            loss, n = token_loss(engine, batch, self.family)
+            totals += torch.tensor([float(loss), float(n)], dtype=torch.float64)
+        if not self.zero3:
+            totals = _all_reduce(totals)
+        return {"val_loss": float(totals[0] / max(float(totals[1]), 1.0))}
+
+    def _accuracy(self, engine) -> dict:
+        from ..evaluation import read_prediction
+        from ..tasks.answers import is_correct
+        from .generate import Student, generate
+
+        # Under ZeRO-3 every rank must run the same forward passes (parameters are gathered
+        # collectively), so all ranks generate all questions; otherwise each takes its stride.
+        mine = self.questions if self.zero3 else self.questions[self.rank::self.world]
+        student = Student(model=engine.module, tokenizer=self.tok, family=self.family, path="(training)")
+        padding_side = self.tok.padding_side
+        self.tok.padding_side = "left" if self.family == "decoder" else "right"
+        try:
+            gens = generate(student, [q["prompt"] for q in mine], max_new_tokens=self.cfg.train.val_max_new_tokens,
+                            batch_size=64, synced=self.zero3 and self.world > 1) if mine else []
+        finally:
+            self.tok.padding_side = padding_side
+        correct = well_formed = 0
+        for q, g in zip(mine, gens):
+            pred, ok = read_prediction(self.rules, g[0].text, self.cfg.train.method, require_marker=True)
+            correct += is_correct(self.rules, pred, q["answer"])
+            well_formed += ok
+        counts = torch.tensor([correct, well_formed, len(mine)], dtype=torch.float64)
+        if not self.zero3:
+            counts = _all_reduce(counts)
+        return {"val_accuracy": float(counts[0] / counts[2]), "val_well_formed": float(counts[1] / counts[2]),
+                "val_n": int(counts[2])}
 
 
-def _mean_over_ranks(x: torch.Tensor, world: int) -> float:
-    x = x.detach().to(torch.float32).cpu().clone()
-    if world > 1 and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(x)
-        x /= world
-    return float(x)
+def improves(select: str, new: dict, best: dict | None) -> bool:
+    """Is the evaluation `new` better than the best so far, by `train.select`?
+
+    val_accuracy: higher accuracy, ties to the lower val loss (then the earlier step); val_loss:
+    lower loss; last: always (the newest evaluation wins).
+    """
+    if best is None or select == "last":
+        return True
+    loss_new, loss_best = new.get("val_loss", float("inf")), best.get("val_loss", float("inf"))
+    if select == "val_loss":
+        return loss_new < loss_best
+    acc_new, acc_best = new.get("val_accuracy", -1.0), best.get("val_accuracy", -1.0)
+    return acc_new > acc_best or (acc_new == acc_best and loss_new < loss_best)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+class Reporter:
+    """Checkpoint (DeepSpeed state + the loop's state), export the student when it is the new best,
+    and hand both to `ray.train.report` with a score (`best_rank`) Ray Train keeps the best by."""
+
+    def __init__(self, engine, cfg: Config, tok, base_config, n_params: int, rank: int, total: int):
+        self.engine, self.cfg, self.tok, self.base_config = engine, cfg, tok, base_config
+        self.n_params, self.rank, self.total = n_params, rank, total
+
+    def __call__(self, state: dict, evaluated: bool, final: bool) -> None:
+        import ray.train
+
+        best_now = evaluated and improves(self.cfg.train.select, state["val"][-1], state["best"])
+        if best_now:
+            state["best"] = dict(state["val"][-1])
+            state["improvements"] += 1
+        tokens = _sum_over_ranks(torch.tensor([float(state["tokens"])], dtype=torch.float64))
+        last_val = state["val"][-1] if state["val"] else {}
+        metrics = {"step": state["step"], "total_steps": self.total, "final": final,
+                   "train_loss": state["train_loss"][-1][1] if state["train_loss"] else None,
+                   "val_loss": last_val.get("val_loss"), "val_accuracy": last_val.get("val_accuracy"),
+                   "best_step": (state["best"] or {}).get("step"),
+                   "best_rank": state["improvements"] if best_now else -1,
+                   "tokens_per_s": tokens / state["train_s"] if state["train_s"] else None}
+        with tempfile.TemporaryDirectory(prefix="ftcot-ckpt-") as d:
+            self.engine.save_checkpoint(d, tag=CKPT_TAG, client_state={"ftcot_state": state})
+            if best_now:
+                sd = gathered_state_dict(self.engine.module, self.cfg.train.zero_stage, self.rank)
+                if self.rank == 0:
+                    save_student(sd, self.base_config, self.tok, Path(d) / "student", self.cfg.student.lora,
+                                 self.cfg.student.arch)
+            if self.rank == 0:  # what a re-run reads to say where it resumes
+                (Path(d) / "ftcot_state.json").write_text(json.dumps({"step": state["step"]}))
+            if final and self.rank == 0:
+                world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+                summary = dict(state, tokens=tokens, tokens_per_s=metrics["tokens_per_s"], steps=state["step"],
+                               params=self.n_params, params_per_rank=per_rank_params(self.engine.module),
+                               num_workers=world, zero_stage=self.cfg.train.zero_stage)
+                (Path(d) / "train_metrics.json").write_text(json.dumps(summary))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def per_rank_params(module: torch.nn.Module) -> int:
@@ -190,35 +281,20 @@ def per_rank_params(module: torch.nn.Module) -> int:
     return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
 
 
-def _checkpoint_and_report(engine, state, rank, final, tok, base_config, cfg: Config, n_params, total) -> None:
-    import ray.train
-
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    tokens = _sum_over_ranks(state["tokens"])
-    metrics = {
-        "epoch": state["epoch"], "step": engine.global_steps, "total_steps": total,
-        "train_loss": state["train_loss"][-1][1] if state["train_loss"] else None,
-        "val_loss": state["val_loss"][-1][1] if state["val_loss"] else None,
-        "tokens_per_s": tokens / state["train_s"] if state["train_s"] else None, "final": final,
-    }
-    with tempfile.TemporaryDirectory(prefix="ftcot-ckpt-") as d:
-        engine.save_checkpoint(d, tag=CKPT_TAG, client_state={"ftcot_state": state})
-        if final:
-            sd = gathered_state_dict(engine.module, cfg.train.zero_stage, rank)
-            if rank == 0:
-                save_student(sd, base_config, tok, Path(d) / "student", cfg.student.lora, cfg.student.arch)
-                summary = dict(state, tokens=tokens, tokens_per_s=metrics["tokens_per_s"], steps=engine.global_steps,
-                               params=n_params, params_per_rank=per_rank_params(engine.module), num_workers=world,
-                               zero_stage=cfg.train.zero_stage)
-                (Path(d) / "train_metrics.json").write_text(json.dumps(summary))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-
-
-def _sum_over_ranks(n: int) -> int:
-    x = torch.tensor([float(n)], dtype=torch.float64)
-    if torch.distributed.is_initialized():
+def _all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (on the GPU under NCCL, which reduces only CUDA tensors)."""
+    x = x.detach().to(torch.float64).cpu().clone()
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        if torch.distributed.get_backend() == "nccl":
+            y = x.cuda()
+            torch.distributed.all_reduce(y)
+            return y.cpu()
         torch.distributed.all_reduce(x)
-    return int(x.item())
+    return x
+
+
+def _sum_over_ranks(x: torch.Tensor) -> float:
+    return float(_all_reduce(x).sum())
 
 
 def _maybe_fail(fault: dict, rank: int, step: int) -> None:
@@ -230,17 +306,3 @@ def _maybe_fail(fault: dict, rank: int, step: int) -> None:
         return
     marker.write_text(f"killed rank {rank} at step {step}\n")
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-class _NoProgress:
-    def update(self, n): ...
-
-    def close(self): ...
-
-
-def _progress(rank: int, total: int, done: int):
-    if rank != 0:
-        return _NoProgress()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=done, desc="train steps", mininterval=5.0)

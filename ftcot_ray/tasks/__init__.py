@@ -7,31 +7,25 @@
 
 from __future__ import annotations
 
+from . import paper, synthetic  # noqa: F401  (each registers its tasks)
 from .base import Task
-
-_REGISTRY: dict[str, Task] = {}
-
-
-def register(task: Task) -> Task:
-    _REGISTRY[task.name] = task
-    return task
-
-
-def _load_all() -> None:
-    # Python caches imports, so this is free after the first call; each module registers its tasks.
-    from . import paper, synthetic  # noqa: F401
+from .registry import register, registered
 
 
 def task_names() -> list[str]:
-    _load_all()
-    return sorted(_REGISTRY)
+    return sorted(registered())
 
 
 def get_task(name: str) -> Task:
-    _load_all()
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown dataset {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+    tasks = registered()
+    if name not in tasks:
+        raise KeyError(f"unknown dataset {name!r}; known: {', '.join(sorted(tasks))}")
+    return tasks[name]
 
 
-__all__ = ["Task", "get_task", "register", "task_names"]
+def synthetic_tasks() -> list[Task]:
+    """Registered tasks the simulated teacher can answer (they carry a `teacher_sim`)."""
+    return [t for _, t in sorted(registered().items()) if t.teacher_sim is not None]
+
+
+__all__ = ["Task", "get_task", "register", "task_names", "synthetic_tasks"]

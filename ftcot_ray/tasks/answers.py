@@ -26,10 +26,15 @@ One deliberate difference: where the original yields an empty-string candidate f
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .base import Task
+
+class AnswerRules(Protocol):
+    """What the rules read of a task (tasks.base.Task has these): no import of Task, so no cycle."""
+
+    name: str
+    kind: str
+    choices: str
 
 NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
 # Same character classes as the original Evaluator.
@@ -39,7 +44,7 @@ DEFAULT_CHOICES = "ABCDE"
 FLOAT_TOLERANCE = 1e-6
 
 
-def candidates(task: "Task", text: str) -> list[str]:
+def candidates(task: AnswerRules, text: str) -> list[str]:
     """Every substring of `text` that has the shape of an answer of this task, in order."""
     text = text or ""
     kind = task.kind
@@ -57,7 +62,7 @@ def candidates(task: "Task", text: str) -> list[str]:
     raise ValueError(f"task {task.name!r}: unknown answer kind {kind!r}")
 
 
-def extract_answer(task: "Task", text: str, marker: str | None = None) -> str | None:
+def extract_answer(task: AnswerRules, text: str, marker: str | None = None) -> str | None:
     """The task's answer read from `text` (None when there is no candidate)."""
     text = text or ""
     if marker is None:
@@ -74,7 +79,7 @@ def extract_answer(task: "Task", text: str, marker: str | None = None) -> str | 
     return found[0] if first else found[-1]
 
 
-def clean_gold(task: "Task", gold: str) -> str:
+def clean_gold(task: AnswerRules, gold: str) -> str:
     """The gold answer as the Evaluator compares it (commas out of numbers, yes/no lower-cased)."""
     gold = str(gold).strip()
     if task.kind in ("number_float", "number_exact"):
@@ -84,7 +89,7 @@ def clean_gold(task: "Task", gold: str) -> str:
     return gold
 
 
-def is_correct(task: "Task", prediction: str | None, gold: str) -> bool:
+def is_correct(task: AnswerRules, prediction: str | None, gold: str) -> bool:
     if prediction is None:
         return False
     gold = clean_gold(task, gold)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
+from . import answers
+
 AnswerKind = Literal["number_float", "number_exact", "choice", "yesno", "letters"]
 
 # (question, rng, error_rate) -> (rationale, answer); raises ValueError for a question not of this task.
@@ -26,19 +28,15 @@ class Task:
     teacher_sim: Optional[TeacherSim] = field(default=None, compare=False, repr=False)
     # (question, rationale) -> the answer the simulated teacher gives at step 2, read from its own rationale
     teacher_answer: Optional[Callable[[str, str], str]] = field(default=None, compare=False, repr=False)
+    # (source, data_cfg) -> the files `load` reads (their content keys the data stage); None: `source` itself
+    source_files: Optional[Callable] = field(default=None, compare=False, repr=False)
     note: str = ""  # e.g. "AQuA: test split only in ../shared"
 
     def candidates(self, text: str) -> list[str]:
-        from .answers import candidates
-
-        return candidates(self, text)
+        return answers.candidates(self, text)
 
     def extract_answer(self, text: str, marker: str | None = None) -> str | None:
-        from .answers import extract_answer
-
-        return extract_answer(self, text, marker)
+        return answers.extract_answer(self, text, marker)
 
     def is_correct(self, prediction: str | None, gold: str) -> bool:
-        from .answers import is_correct
-
-        return is_correct(self, prediction, gold)
+        return answers.is_correct(self, prediction, gold)

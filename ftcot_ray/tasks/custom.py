@@ -13,7 +13,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from ..io import InputFileError, iter_jsonl, read_json
+from ..errors import ConfigError, InputMissing
+from ..io import InputFileError, iter_jsonl, read_json, read_text_lines
+from . import get_task, task_names
 from .answers import NUMBER_RE
 from .base import Task
 from .splits import paper_split, split_from_column
@@ -26,13 +28,11 @@ def _rows_with_location(path: Path) -> list[tuple[str, dict]]:
     """(location, row) for every record: `file:line` for JSONL/CSV, `file: record i` for JSON."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        # iter_jsonl skips blank lines, so count lines ourselves for the location.
-        out, lines = [], [i for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
-        for lineno, row in zip(lines, iter_jsonl(path)):
-            out.append((f"{path}:{lineno}", row))
-        return out
+        return [(f"{path}:{lineno}", row) for lineno, row in iter_jsonl(path, with_lines=True)]
     if suffix == ".csv":
-        with path.open(newline="") as f:
+        for _ in read_text_lines(path):  # names the line of a byte that is not UTF-8
+            pass
+        with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             if reader.fieldnames is None:
                 raise InputFileError(f"{path}:1: empty CSV file (expected a header with question,answer)")
@@ -61,10 +61,10 @@ def _check_answer(answer: str, fmt: str, choices: str, where: str) -> str:
 
 def load_custom(source, data_cfg) -> list[dict]:
     if source is None:
-        raise FileNotFoundError("a custom dataset needs data.source: a JSONL/CSV/JSON file of {question, answer}")
+        raise InputMissing("a custom dataset needs data.source: a JSONL/CSV/JSON file of {question, answer}")
     path = Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"data.source {path} is not a file")
+        raise InputMissing(f"data.source {path} is not a file")
     fmt = _answer_format(data_cfg)
     records = []
     for where, row in _rows_with_location(path):
@@ -97,10 +97,39 @@ def split_custom(records: list[dict], data_cfg=None) -> dict[str, list[int]]:
     return paper_split(len(records))
 
 
+def dedup_records(records: list[dict]) -> tuple[list[dict], dict]:
+    """Drop repeated questions before the split, so one question cannot be on both sides of it.
+
+    The same question with the same answer is merged into its first record; the same question
+    with different answers is dropped altogether (which answer is right cannot be told).
+    Records are renumbered 0..n-1 in file order. Returns (records, {"merged", "conflicting"}).
+    """
+    answers: dict[str, set[str]] = {}
+    for r in records:
+        answers.setdefault(_normal(r["question"]), set()).add(_normal(r["answer"]))
+    seen: set[str] = set()
+    kept, merged, conflicting = [], 0, 0
+    for r in records:
+        q = _normal(r["question"])
+        if len(answers[q]) > 1:
+            conflicting += 1
+            continue
+        if q in seen:
+            merged += 1
+            continue
+        seen.add(q)
+        kept.append(r | {"sample_index": len(kept)})
+    return kept, {"merged": merged, "conflicting": conflicting}
+
+
+def _normal(text: str) -> str:
+    return " ".join(str(text).split()).lower()
+
+
 def _answer_format(data_cfg) -> str:
     fmt = getattr(data_cfg, "answer_format", None)
     if fmt not in ANSWER_FORMATS:
-        raise ValueError(
+        raise ConfigError(
             f"dataset {data_cfg.dataset!r} is your own file, so set data.answer_format to one of "
             f"{', '.join(ANSWER_FORMATS)} (how answers are read and graded)"
         )
@@ -119,8 +148,6 @@ def custom_task(data_cfg) -> Task:
 
 
 def is_custom(data_cfg) -> bool:
-    from . import task_names
-
     if data_cfg.dataset == CUSTOM_NAME:
         return True
     if data_cfg.dataset in task_names():
@@ -135,11 +162,28 @@ def resolve_task(data_cfg) -> Task:
     Stages that grade (curate, eval) should call this rather than `get_task(cfg.data.dataset)`,
     so custom datasets grade with their `data.answer_format`.
     """
-    from . import get_task
-
     if is_custom(data_cfg):
         return custom_task(data_cfg)
     try:
         return get_task(data_cfg.dataset)
     except KeyError as e:
-        raise KeyError(f"{e.args[0]}; or, for your own data, a JSONL/CSV data.source file with data.answer_format") from None
+        raise ConfigError(f"data.dataset: {e.args[0]}; or, for your own data, a JSONL/CSV data.source file "
+                          "with data.answer_format") from None
+
+
+def source_files(data_cfg) -> list[Path]:
+    """The file(s) a dataset is read from (their content goes into the data key)."""
+    if not data_cfg.source:
+        return []
+    try:
+        task = resolve_task(data_cfg)
+    except ConfigError:
+        return [Path(data_cfg.source)]
+    if task.synthetic:
+        return []
+    if task.source_files is None:
+        return [Path(data_cfg.source)]
+    try:
+        return task.source_files(data_cfg.source, data_cfg)
+    except FileNotFoundError:  # the stage itself says what is missing, and where
+        return [Path(data_cfg.source)]

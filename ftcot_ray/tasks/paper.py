@@ -12,14 +12,16 @@ Date's choices are shuffled by one seed-0 ``RandomState`` running over the whole
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ..io import InputFileError, read_json
-from . import register
+from ..errors import InputMissing
+from ..io import InputFileError, read_json, read_text_lines
+from .registry import register
 from .base import Task
 from .splits import (
     AQUA_TRAIN_SIZE,
@@ -53,7 +55,7 @@ ZERO_SHOT_COT_HINT = "../shared/datasets/zero_shot_cot/dataset"
 def raw_path(key: str, source: str | Path | None) -> Path:
     """The raw file/folder of `key`: `source` itself when it is a file, else source/<RAW_PATHS[key]>."""
     if source is None:
-        raise FileNotFoundError(
+        raise InputMissing(
             f"dataset {key!r} needs data.source: the raw benchmark folder (e.g. {ZERO_SHOT_COT_HINT}) "
             f"or its file {RAW_PATHS[key]}"
         )
@@ -61,22 +63,21 @@ def raw_path(key: str, source: str | Path | None) -> Path:
     if source.is_file():
         return source
     if not source.is_dir():
-        raise FileNotFoundError(f"data.source {source} does not exist")
+        raise InputMissing(f"data.source {source} does not exist")
     path = source / RAW_PATHS[key]
     if not path.exists():
-        raise FileNotFoundError(f"dataset {key!r}: {path} not found (data.source={source} should be {ZERO_SHOT_COT_HINT})")
+        raise InputMissing(f"dataset {key!r}: {path} not found (data.source={source} should be {ZERO_SHOT_COT_HINT})")
     return path
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputFileError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    for lineno, line in read_text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputFileError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
 
 
 def _field(row: dict, name: str, where: str) -> Any:
@@ -166,7 +167,7 @@ def find_gsm8k_train(source, data_cfg=None) -> Path:
         path = Path(explicit)
         path = path / "train.jsonl" if path.is_dir() else path
         if not path.is_file():
-            raise FileNotFoundError(f"data.gsm8k_train: {path} not found")
+            raise InputMissing(f"data.gsm8k_train: {path} not found")
         return path
     tried = []
     if source is not None:
@@ -175,7 +176,7 @@ def find_gsm8k_train(source, data_cfg=None) -> Path:
                 tried.append(parent / rel)
                 if tried[-1].is_file():
                     return tried[-1]
-    raise FileNotFoundError(
+    raise InputMissing(
         "GSM8K train split not found: the zero_shot_cot folder ships only GSM8K's test file. Set "
         "data.gsm8k_train to grade_school_math/data/train.jsonl (openai/grade-school-math); looked in: "
         + ", ".join(str(p) for p in tried)
@@ -217,7 +218,7 @@ def load_aqua(source, data_cfg=None) -> list[dict]:
     folder = path if path.is_dir() else path.parent
     test_path = path if path.is_file() else folder / "test.json"
     if not test_path.is_file():
-        raise FileNotFoundError(f"AQuA: {test_path} not found")
+        raise InputMissing(f"AQuA: {test_path} not found")
     test = _aqua_rows(test_path)
     train_path = folder / "train.json"
     if path.is_dir() and train_path.is_file():
@@ -342,6 +343,16 @@ def split_commonsense_qa(records, data_cfg=None):
     return ordered_split(*COMMONSENSE_QA_SIZES)
 
 
+def _raw_files(key: str) -> Callable:
+    def files(source, data_cfg=None) -> list[Path]:
+        found = [raw_path(key, source)]
+        if key == "gsm8k":
+            found.append(find_gsm8k_train(source, data_cfg))
+        return found
+
+    return files
+
+
 # --------------------------------------------------------------------------- registry
 
 PAPER_TASKS = [
@@ -362,4 +373,4 @@ PAPER_TASKS = [
 PAPER_KEYS = [t.name for t in PAPER_TASKS]
 
 for _task in PAPER_TASKS:
-    register(_task)
+    register(dataclasses.replace(_task, source_files=_raw_files(_task.name)))

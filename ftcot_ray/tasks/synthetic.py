@@ -26,7 +26,8 @@ import random
 import re
 from typing import Callable
 
-from . import register
+from ..errors import ConfigError
+from .registry import register
 from .base import Task
 
 # Short common names; a byte-level BPE of ~1,000 tokens trained on the task text keeps each one a
@@ -118,11 +119,11 @@ def _generate(name: str, pool: tuple[str, ...], per_slot: int, draw: Callable, d
     """train_size + test_size distinct questions from data.seed; list position = sample_index."""
     d, n = int(data_cfg.difficulty), int(data_cfg.train_size) + int(data_cfg.test_size)
     if not 1 <= d <= len(pool):
-        raise ValueError(f"{name}: data.difficulty={d} must be between 1 and {len(pool)}")
+        raise ConfigError(f"{name}: data.difficulty={d} must be between 1 and {len(pool)}")
     # Distinct questions there are at this difficulty (ordered distinct names x per-slot choices).
     capacity = math.perm(len(pool), d) * per_slot**d
     if n > capacity // 2:  # rejection sampling stays fast below half the space
-        raise ValueError(
+        raise ConfigError(
             f"{name}: data.train_size + data.test_size = {n} questions asked, but difficulty {d} has only "
             f"{capacity} distinct questions; lower the sizes or raise data.difficulty"
         )

@@ -25,11 +25,6 @@ from .client import Secret, StepResult, TeacherClient
 from .limiter import Permits, limiter_actor_class
 
 ROW_BASE = ("sample_index", "sample_idx", "split", "question", "answer")
-COMPLETION_COLUMNS = [
-    "sample_index", "sample_idx", "split", "question", "answer", "reasoning_prompt", "rationale", "answer_prompt",
-    "answer_completion", "finish_reason", "prompt_tokens", "completion_tokens", "cost_usd", "model", "temperature",
-    "error", "attempts",
-]
 
 
 def expand_rows(problems: list[dict], samples: int) -> list[dict]:
@@ -182,7 +177,8 @@ def fan_out(rows: list[dict], tcfg: Any, *, base_url: str, endpoint_id: str, sec
         rpm=tcfg.rpm, tpm=tcfg.tpm, budget_usd=tcfg.budget_usd, spent_usd=spent_usd, counters={"cache_hits": cached})
     spec = {"teacher": tcfg.model_dump(mode="json"), "base_url": base_url, "endpoint_id": endpoint_id,
             "cache_dir": str(cache_dir), "gated": gated, "tokens_each": tokens_each, "cost_each": cost_each}
-    batch = max(1, min(tcfg.concurrency, math.ceil(len(rows) / tcfg.num_actors)))
+    # Rows per batch: teacher.batch_size, by default as many as one actor keeps in flight.
+    batch = max(1, min(tcfg.batch_size or tcfg.concurrency, math.ceil(len(rows) / tcfg.num_actors)))
     # Several batches per block: Ray Data runs up to 4 batches of a block at once on the actor's loop,
     # so the semaphore stays full while a batch's slowest rows finish.
     blocks = max(tcfg.num_actors, math.ceil(len(rows) / (4 * batch)))

@@ -16,22 +16,12 @@ from typing import Optional
 
 from ..artifacts import begin, finish, write_json
 from ..config import Config, load_config
-from ..io import InputFileError, read_json, write_jsonl
-from .fanout import COMPLETION_COLUMNS
+from ..errors import InputMissing
+from ..io import InputFileError, read_json
+from ..schemas import write_table
+from ..tasks.splits import paper_split
 
 SOURCES = ("reasoning-teacher",)
-
-
-def _paper_split(n: int) -> dict[str, list[int]]:
-    try:
-        from ..tasks.splits import paper_split
-    except ImportError:  # the tasks helper not there: the same rule, inline
-        import numpy as np
-
-        order = np.random.RandomState(0).permutation(n)
-        k = round(0.7 * n)
-        return {"train": sorted(order[:k].tolist()), "test": sorted(order[k:].tolist())}
-    return paper_split(n)
 
 
 def dataset_key(path: Path) -> str:
@@ -90,10 +80,10 @@ def import_reasoning_teacher(path: str | Path, out: str | Path, split_file: Opti
     """Write a finished teach-stage folder at `out` from one of the authors' D_*.json files."""
     path, out = Path(path), Path(out)
     if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
+        raise InputMissing(f"no such file: {path}")
     metadata, samples = read_authors_file(path)
     n = max(samples) + 1 if samples else 0
-    split = read_json(split_file) if split_file else _paper_split(n)
+    split = read_json(split_file) if split_file else paper_split(n)
     if not isinstance(split, dict) or not {"train", "test"} <= set(split):
         raise InputFileError(f"{split_file}: expected {{'train': [...], 'test': [...]}}")
     split_of = {int(i): name for name in ("train", "test") for i in split[name]}
@@ -109,10 +99,9 @@ def import_reasoning_teacher(path: str | Path, out: str | Path, split_file: Opti
                                     "teacher.temperature": float(rows[0]["temperature"] or 0.0) if rows else 0.0,
                                     "teacher.samples": max((r["sample_idx"] for r in rows), default=0) + 1})
     begin(out)
-    write_jsonl(out / "completions.jsonl", rows)
     problems = [{"sample_index": i, "question": samples[i][0]["question"], "answer": str(samples[i][0]["answer"]),
                  "split": split_of[i], "dataset": key} for i in sorted(samples)]
-    write_jsonl(out / "problems.jsonl", problems)
+    tables = {"completions": write_table(out, "completions", rows), "problems": write_table(out, "problems", problems)}
     write_json(out / "split.json", {k: sorted(int(i) for i in split[k] if int(i) in samples) for k in ("train", "test")})
     summary = {
         "source": "reasoning-teacher", "file": str(path), "dataset": key, "model": metadata.get("base_model"),
@@ -122,7 +111,5 @@ def import_reasoning_teacher(path: str | Path, out: str | Path, split_file: Opti
         "split": str(split_file) if split_file else "paper 70/30 seed 0", "errors": 0,
         "truncated": sum(1 for r in rows if r["finish_reason"] == "length"),
     }
-    finish(out, cfg, "teach", inputs={"reasoning_teacher": [str(path)]},
-           outputs={"completions": COMPLETION_COLUMNS, "problems": ["sample_index", "question", "answer", "split", "dataset"]},
-           summary=summary, key=out.name)
+    finish(out, cfg, "teach", summary=summary, key=f"import-{key}", tables=tables)
     return summary

@@ -187,13 +187,9 @@ class ReplayIndex:
 
 
 def _synthetic_tasks() -> list:
-    from .. import tasks
+    from ..tasks import synthetic_tasks
 
-    try:
-        names = tasks.task_names()
-    except ImportError:  # a task module not written yet: use whatever is registered
-        names = sorted(tasks._REGISTRY)
-    return [tasks._REGISTRY[n] for n in names if tasks._REGISTRY[n].teacher_sim is not None]
+    return synthetic_tasks()
 
 
 class Simulator:
@@ -471,7 +467,7 @@ def running_sim(settings: SimSettings, *, port: Optional[int] = None, host: str 
     if subprocess_mode:
         cmd = [sys.executable, "-m", "ftcot_ray.cli", "teacher-sim", "--host", host, "--port", str(port),
                "--settings-json", json.dumps(dataclasses.asdict(settings))]
-        proc = subprocess.Popen(cmd)
+        proc = subprocess.Popen(cmd, stdout=2)  # its banner goes with the framework logs (stderr)
         try:
             _wait_ready(base_url, proc=proc)
             yield base_url

@@ -1,0 +1,100 @@
+"""What a person sees, and where the framework chatter goes.
+
+The terminal gets our progress bars, one-line stage summaries, warnings that matter, the final
+table. Ray's, Ray Train's, DeepSpeed's and transformers' messages, and everything Ray workers
+print, go to ``<run_dir>/logs/<command>-<time>.log`` (``-v`` shows them on the terminal too).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+CHATTY = ("ray", "deepspeed", "DeepSpeed", "transformers", "torch", "httpx", "urllib3", "filelock", "uvicorn",
+          "fastapi", "py.warnings", "accelerate", "peft", "mlflow")
+_state: dict = {"file": None, "verbose": False, "handler": None}
+
+
+def setup(run_dir: str | Path | None, command: str, verbose: bool = False) -> Optional[Path]:
+    """Route the framework loggers to a file in the run folder (and to stderr with `verbose`)."""
+    _state["verbose"] = verbose
+    path = None
+    handler: logging.Handler
+    if run_dir is not None:
+        try:
+            folder = Path(run_dir) / "logs"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+            handler = logging.FileHandler(path, encoding="utf-8")
+        except OSError:  # an unwritable run_dir is reported by the stage that writes there
+            path, handler = None, logging.NullHandler()
+    else:
+        handler = logging.NullHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    _state.update(file=path, handler=handler)
+    logging.captureWarnings(True)
+    warnings.filterwarnings("default")
+    for name in CHATTY:
+        quiet(name)
+    return path
+
+
+def quiet(name: str) -> None:
+    """Send one logger (and its children) to the log file only, unless -v."""
+    handler = _state["handler"]
+    if handler is None:
+        return
+    log = logging.getLogger(name)
+    log.handlers = [handler] + ([logging.StreamHandler(sys.stderr)] if _state["verbose"] else [])
+    log.propagate = False
+
+
+def quiet_all() -> None:
+    """Quiet every framework logger configured so far (Ray Data, Serve, Train add their own handlers on import)."""
+    for name in list(logging.Logger.manager.loggerDict):
+        if name.split(".")[0] in CHATTY and logging.getLogger(name).handlers:
+            quiet(name)
+
+
+def redirect_native_stderr() -> None:
+    """Send file descriptor 2 (what C++ code and child processes write) to the log file, keeping
+    Python's sys.stderr (our bars and messages) on the terminal. Only for a real CLI run."""
+    handler = _state["handler"]
+    if _state["verbose"] or not isinstance(handler, logging.FileHandler):
+        return
+    import os
+
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    sys.stderr = os.fdopen(terminal, "w", buffering=1, closefd=False)
+    os.dup2(handler.stream.fileno(), 2)
+
+
+def log_file() -> Optional[Path]:
+    return _state["file"]
+
+
+def verbose() -> bool:
+    return bool(_state["verbose"])
+
+
+def write_worker_lines(data: dict) -> None:
+    """A batch of lines that Ray workers printed (Ray's log-to-driver stream): to the log file."""
+    handler = _state["handler"]
+    if not isinstance(handler, logging.FileHandler):
+        return
+    who = data.get("actor_name") or data.get("task_name") or "worker"
+    prefix = f"({who} pid={data.get('pid')}) "
+    stream = handler.stream
+    for line in data.get("lines", []):
+        stream.write(prefix + line + "\n")
+    stream.flush()
+
+
+def say(message: str) -> None:
+    """One line for the person at the terminal."""
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,93 @@
+"""A watchdog that leaves no process behind when a run that started its own local Ray ends.
+
+`python -m ftcot_ray.reaper DRIVER_PID` runs in its own session (so a kill of the driver's
+process group does not reach it). While the driver lives it notes the driver's descendants (Ray's
+GCS, raylet, agents, workers, a local teacher-sim); once the driver is gone, however it ended
+(normal exit, Ctrl-C, SIGKILL), it kills those that are still alive, and their children. Ray's
+dashboard and runtime-env agents ignore SIGTERM, and Ray Data workers keep sending teacher
+requests after a SIGKILL of the driver, so SIGKILL it is.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+
+POLL_S = 0.25
+
+
+def start(driver_pid: int | None = None) -> subprocess.Popen:
+    """Start the watchdog for this process (or `driver_pid`)."""
+    return subprocess.Popen([sys.executable, "-m", "ftcot_ray.reaper", str(driver_pid or os.getpid())],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, close_fds=True)
+
+
+def _note(driver: psutil.Process, known: dict[int, float]) -> None:
+    try:
+        for p in driver.children(recursive=True):
+            try:
+                known.setdefault(p.pid, p.create_time())
+            except psutil.Error:
+                pass
+    except psutil.Error:
+        pass
+
+
+def _alive(known: dict[int, float]) -> list[psutil.Process]:
+    out = []
+    for pid, created in known.items():
+        try:
+            p = psutil.Process(pid)
+            if abs(p.create_time() - created) < 0.01:  # the same process, not a reused pid
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def reap(known: dict[int, float]) -> int:
+    """Kill what is left of the noted processes and everything they started since; returns the count."""
+    victims: dict[int, psutil.Process] = {}
+    for p in _alive(known):
+        victims[p.pid] = p
+        try:
+            for c in p.children(recursive=True):
+                victims.setdefault(c.pid, c)
+        except psutil.Error:
+            pass
+    for p in victims.values():
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(list(victims.values()), timeout=5)
+    return len(victims)
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def watch(driver_pid: int) -> int:
+    try:
+        driver = psutil.Process(driver_pid)
+    except psutil.Error:
+        return 0
+    known: dict[int, float] = {}
+    while _running(driver):
+        _note(driver, known)
+        time.sleep(POLL_S)
+    time.sleep(1.0)  # a normal exit shuts Ray down itself: give it a moment, then take what is left
+    return reap(known)
+
+
+if __name__ == "__main__":
+    sys.exit(0 if watch(int(sys.argv[1])) >= 0 else 1)
