@@ -22,9 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the tiny-student builder the eval tests use
 
-from helpers_eval import build_student, coin_questions  # noqa: E402
 
 
 def main() -> None:
@@ -45,8 +43,19 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="ftcot_eval_bench_"))
     # ~1M parameters; the EOS boost makes outputs stop at varied lengths, like a trained student's.
-    folder = build_student(tmp / "student", "decoder", eos_boost=1.5, init_scale=20.0, n_layer=4, n_embd=128)
-    problems = [q | {"split": "test"} for q in coin_questions(args.prompts, seed=11, min_people=2, max_people=8)]
+    from ftcot_ray.config import DataConfig
+    from ftcot_ray.student.export import export_untrained
+    from ftcot_ray.tasks.synthetic import load_coin_flip
+
+    # Coin flips with 2 to 8 people: prompts of varied length, so batches really pad.
+    per = -(-args.prompts // 7)
+    questions = [q for d in range(2, 9) for q in load_coin_flip(None, DataConfig(difficulty=d, train_size=per,
+                                                                                  test_size=0, seed=11))]
+    questions = [q | {"sample_index": i} for i, q in enumerate(questions[:args.prompts])]
+    # Random weights, exported exactly as training exports a student; the EOS boost makes outputs end
+    # at varied lengths, as a trained student's do.
+    folder = export_untrained(tmp / "student", [q["question"] for q in questions] * 2, eos_boost=1.5, weight_scale=20.0)
+    problems = [q | {"split": "test"} for q in questions]
     cfg = load_config(None, [
         f"run_dir={tmp / 'run'}", "data.dataset=coin_flip", f"eval.batch_size={args.batch_size}",
         f"eval.max_new_tokens={args.max_new_tokens}", f"eval.num_replicas={args.replicas}",

@@ -49,9 +49,13 @@ def make_config(tmp: Path, args, zero_stage: int):
 
     return load_config("quickstart", {
         "run_dir": str(tmp / f"run-z{zero_stage}"), "student.arch": args.arch, "student.size": args.model_size,
-        "train.batch_size": args.batch_size, "train.max_steps": args.steps, "train.num_workers": args.num_workers,
+        # --batch-size is the micro-batch per worker (the HF baseline's per-device batch); the global batch follows.
+        "train.batch_size": args.batch_size * args.num_workers, "train.micro_batch_size": args.batch_size,
+        "train.max_steps": args.steps, "train.num_workers": args.num_workers,
         "train.use_gpu": args.use_gpu, "train.zero_stage": zero_stage, "train.precision": "bf16" if args.bf16 else "fp32",
-        "train.eval_every_epoch": False, "train.checkpoint_every_epochs": 10**6, "train.max_length": 256,
+        # One validation, at the end, and none of its generation inside the timed steps (tokens/s counts steps only).
+        "train.select": "last", "train.eval_every_steps": args.steps, "train.val_max_examples": 8,
+        "train.val_max_new_tokens": 8, "train.max_length": 256,
     })
 
 
@@ -65,6 +69,8 @@ def ours(tmp: Path, args, zero_stage: int) -> dict:
     rows = coin_pairs(args.pairs)
     write_jsonl(cur / "ft_cot_pairs.jsonl", rows)
     write_jsonl(cur / "vanilla_pairs.jsonl", rows)
+    write_jsonl(cur / "problems.jsonl", [{"sample_index": r["sample_index"], "question": r["prompt"], "answer": "yes",
+                                          "split": r["split"], "dataset": "coin_flip_synth"} for r in rows])
     artifacts.finish(cur, cfg, "curate")
     train.run(cfg)
     return json.loads((artifacts.stage_dir(cfg, "train") / "metrics.json").read_text())

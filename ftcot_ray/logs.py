@@ -16,7 +16,25 @@ from typing import Optional
 
 CHATTY = ("ray", "deepspeed", "DeepSpeed", "transformers", "torch", "httpx", "urllib3", "filelock", "uvicorn",
           "fastapi", "py.warnings", "accelerate", "peft", "mlflow")
-_state: dict = {"file": None, "verbose": False, "handler": None}
+_state: dict = {"file": None, "verbose": False, "handler": None, "console": False}
+
+
+class LazyFileHandler(logging.FileHandler):
+    """A file handler that creates its folder and file at the first record, so a command that ends
+    before doing anything (a plan, a refused config) writes nothing into the run folder."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        super().__init__(str(path), encoding="utf-8", delay=True)
+
+    def _open(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+    def ensure_open(self):
+        if self.stream is None:
+            self.stream = self._open()
+        return self.stream
 
 
 def setup(run_dir: str | Path | None, command: str, verbose: bool = False) -> Optional[Path]:
@@ -25,13 +43,8 @@ def setup(run_dir: str | Path | None, command: str, verbose: bool = False) -> Op
     path = None
     handler: logging.Handler
     if run_dir is not None:
-        try:
-            folder = Path(run_dir) / "logs"
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
-            handler = logging.FileHandler(path, encoding="utf-8")
-        except OSError:  # an unwritable run_dir is reported by the stage that writes there
-            path, handler = None, logging.NullHandler()
+        path = Path(run_dir) / "logs" / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        handler = LazyFileHandler(path)
     else:
         handler = logging.NullHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -60,18 +73,29 @@ def quiet_all() -> None:
             quiet(name)
 
 
+def console_run(yes: bool = True) -> None:
+    """This is a real command line (not a test calling the CLI in-process): native stderr may be redirected."""
+    _state["console"] = yes
+
+
 def redirect_native_stderr() -> None:
-    """Send file descriptor 2 (what C++ code and child processes write) to the log file, keeping
-    Python's sys.stderr (our bars and messages) on the terminal. Only for a real CLI run."""
+    """Send file descriptor 2 (what Ray's C++ core and child processes write) to the log file, keeping
+    Python's sys.stderr (our bars and messages) on the terminal. Called when Ray starts, on a real
+    command line only; once per process."""
     handler = _state["handler"]
-    if _state["verbose"] or not isinstance(handler, logging.FileHandler):
+    if _state["verbose"] or not _state["console"] or not isinstance(handler, LazyFileHandler) or _state.get("redirected"):
         return
     import os
 
+    try:
+        stream = handler.ensure_open()
+    except OSError:  # an unwritable run_dir is reported by the stage that writes there
+        return
     sys.stderr.flush()
     terminal = os.dup(2)
     sys.stderr = os.fdopen(terminal, "w", buffering=1, closefd=False)
-    os.dup2(handler.stream.fileno(), 2)
+    os.dup2(stream.fileno(), 2)
+    _state["redirected"] = True
 
 
 def log_file() -> Optional[Path]:
@@ -85,11 +109,14 @@ def verbose() -> bool:
 def write_worker_lines(data: dict) -> None:
     """A batch of lines that Ray workers printed (Ray's log-to-driver stream): to the log file."""
     handler = _state["handler"]
-    if not isinstance(handler, logging.FileHandler):
+    if not isinstance(handler, LazyFileHandler):
         return
     who = data.get("actor_name") or data.get("task_name") or "worker"
     prefix = f"({who} pid={data.get('pid')}) "
-    stream = handler.stream
+    try:
+        stream = handler.ensure_open()
+    except OSError:
+        return
     for line in data.get("lines", []):
         stream.write(prefix + line + "\n")
     stream.flush()

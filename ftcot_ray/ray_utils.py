@@ -24,6 +24,7 @@ def init_ray(cfg: Config | None = None, **kwargs) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    logs.redirect_native_stderr()  # Ray's C++ core writes to file descriptor 2
     logs.quiet("ray")  # Ray configured its own handler when imported
     address = (cfg.resources.address if cfg else None) or os.environ.get("RAY_ADDRESS")
     if address:

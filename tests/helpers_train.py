@@ -34,10 +34,24 @@ def coin_pairs(n: int, family: str, seed: int = 0, val_every: int = 6) -> tuple[
 def tiny_config(tmp: Path, arch: str = "gpt2", **overrides) -> Config:
     raw = {
         "run_dir": str(tmp / "run"), "student.arch": arch, "student.size": "tiny", "student.vocab_size": 400,
-        "train.lr": 3e-3, "train.batch_size": 4, "train.max_steps": 30, "train.num_workers": 2,
-        "train.warmup_ratio": 0.1, "train.max_length": 128, "train.log_every": 1,
+        "train.lr": 3e-3, "train.batch_size": 8, "train.max_steps": 30, "train.num_workers": 2,
+        "train.warmup_ratio": 0.1, "train.max_length": 128, "train.log_every": 1, "train.eval_every_steps": 5,
+        "train.val_max_new_tokens": 48,
     }
     return load_config("quickstart", raw | overrides)
+
+
+def coin_problems(pairs: list[dict]) -> list[dict]:
+    """The problems table matching coin_pairs (val questions are what validation accuracy is measured on)."""
+    from ftcot_ray.prompts import PROMPT_SEP
+
+    out = []
+    for p in pairs:
+        q = p["prompt"].removesuffix(PROMPT_SEP)
+        answer = p["completion"].rsplit("-->", 1)[-1].strip()
+        out.append({"sample_index": p["sample_index"], "question": q, "answer": answer, "split": p["split"],
+                    "dataset": "coin_flip_synth"})
+    return out
 
 
 def make_curate_folder(cfg: Config, n: int = 48, out: Path | None = None) -> Path:
@@ -45,6 +59,7 @@ def make_curate_folder(cfg: Config, n: int = 48, out: Path | None = None) -> Pat
     cot, van = coin_pairs(n, cfg.student.family)
     write_jsonl(out / "ft_cot_pairs.jsonl", cot)
     write_jsonl(out / "vanilla_pairs.jsonl", van)
+    write_jsonl(out / "problems.jsonl", coin_problems(cot))
     artifacts.finish(out, cfg, "curate")
     return out
 

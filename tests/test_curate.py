@@ -14,6 +14,7 @@ from ftcot_ray import curation
 from ftcot_ray.artifacts import finish, read_manifest, stage_dir
 from ftcot_ray.config import load_config
 from ftcot_ray.io import read_jsonl, write_jsonl
+from ftcot_ray.schemas import read_table
 from ftcot_ray.tasks import get_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,11 +109,12 @@ def test_diversity_above_the_samples_taken_is_an_error():
         curation.check_diversity(handcrafted(), 4)
 
 
-def test_missing_column_names_row_and_column():
+def test_missing_column_names_file_line_and_column(tmp_path):
     rows = handcrafted()
     del rows[2]["answer_completion"]
-    with pytest.raises(ValueError, match=r"completions.jsonl: row 3 \(sample_index=0\) lacks column\(s\) answer_completion"):
-        curation.check_columns(rows, "completions.jsonl")
+    write_jsonl(tmp_path / "completions.jsonl", rows)
+    with pytest.raises(ValueError, match=r"completions.jsonl:3: completions row lacks column\(s\) answer_completion"):
+        read_table(tmp_path, "completions")
 
 
 # --------------------------------------------------------------------------- validation split

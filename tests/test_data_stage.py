@@ -81,7 +81,7 @@ def test_default_output_folder_is_the_stage_dir(shared_datasets, tmp_path):
     summary = data_stage.run(cfg)
     out = Path(summary["out"])
     assert out.parent == tmp_path / "run" / "data" and is_complete(out)
-    assert read_manifest(out)["outputs"]["problems"] == ["sample_index", "question", "answer", "split", "dataset"]
+    assert read_manifest(out)["tables"]["problems"]["columns"] == ["sample_index", "question", "answer", "split", "dataset"]
 
 
 # --------------------------------------------------------------------------- errors

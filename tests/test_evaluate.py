@@ -15,7 +15,7 @@ import pytest
 
 from ftcot_ray import evaluation as ev
 from ftcot_ray.artifacts import finish, is_complete, read_manifest
-from ftcot_ray.config import ConfigError, load_config
+from ftcot_ray.config import ConfigError, load_config, with_overrides
 from ftcot_ray.io import read_jsonl, write_jsonl
 from ftcot_ray.tasks import get_task
 
@@ -206,13 +206,20 @@ def test_eval_stage_ray_data_matches_per_example_generation(ray_session, tmp_pat
     assert again["reused"] is True and read_manifest(out)["stage"] == "eval"
 
 
-def test_eval_stage_self_consistency(ray_session, tmp_path, tiny_student):
+def test_eval_stage_self_consistency(ray_session, tmp_path):
     from ftcot_ray.stages import evaluate
 
     src = _problems_file(tmp_path)
-    cfg = _cfg(tmp_path, f"eval.student={tiny_student}", "eval.samples=3", "eval.temperature=1.0",
-               "train.method=vanilla", "eval.num_replicas=2")
+    # Its card says vanilla: the card, not train.method, decides how its answers are read.
+    vanilla = build_student(tmp_path / "vanilla", "decoder", eos_boost=2.0, init_scale=20.0, method="vanilla")
+    cfg = _cfg(tmp_path, f"eval.student={vanilla}", "eval.samples=3", "eval.temperature=1.0", "eval.num_replicas=2")
     evaluate.run(cfg, tmp_path / "sc", src)
+    # Sampling is seeded per question: other batch sizes and replica counts give the same samples
+    # (so they are runtime settings that rightly leave the eval key alone).
+    other = with_overrides(cfg, {"eval.batch_size": 3, "eval.num_replicas": 1})
+    evaluate.run(other, tmp_path / "sc2", src)
+    samples = lambda d: {p["sample_index"]: p["samples"] for p in read_jsonl(d / "predictions.jsonl")}  # noqa: E731
+    assert samples(tmp_path / "sc") == samples(tmp_path / "sc2")
     m = json.loads((tmp_path / "sc" / "metrics.json").read_text())
     assert m["k"] == 3 and "accuracy_at_1" in m and m["accuracy_at_k"] == m["accuracy"]
     assert m["method"] == "vanilla" and m["diversity"] is None
@@ -338,7 +345,7 @@ def test_prompted_student_zero_shot_cot_runs_two_steps(tiny_student):
     student = load_student(tiny_student)
     questions = [q["question"] for q in coin_questions(5, seed=4)]
     outs, toks = generate_for_method(student, "zero_shot_cot", questions, None, max_new_tokens=12, batch_size=4,
-                                     num_samples=1, temperature=0.0, seed=0)
+                                     num_samples=1, temperature=0.0, seeds=list(range(5)))
     assert len(outs) == 5 and all(len(o) == 1 for o in outs)
     for (out,), (n,) in zip(outs, toks):
         rationale, answer = out.rsplit("\nTherefore, the answer is", 1)

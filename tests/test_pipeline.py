@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from ftcot_ray.artifacts import read_manifest, stage_dir
@@ -24,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL = [
     "data.train_size=48", "data.test_size=16", "data.difficulty=3",
     "teacher.samples=2", "pipeline.diversity=[1,2]",
-    "train.max_steps=8", "train.batch_size=4", "train.checkpoint_every_epochs=100",
+    "train.max_steps=8", "train.batch_size=4", "train.eval_every_steps=8", "train.val_max_new_tokens=64",
     "eval.max_new_tokens=64", "eval.batch_size=16",
 ]
 
@@ -39,10 +40,28 @@ def finished_at(cfg, stage: str) -> str:
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory, ray_session):
+    """The reduced quickstart through the real command line (its output is checked below), then the
+    stage summaries read back in-process (every stage reused)."""
     run_dir = tmp_path_factory.mktemp("pipeline")
     cfg = small_cfg(run_dir)
+    proc = subprocess.run([sys.executable, "-m", "ftcot_ray", "run", f"run_dir={run_dir}", *SMALL], cwd=REPO,
+                          env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     summary = pipeline.run(cfg)
-    return cfg, summary
+    return cfg, summary | {"output": proc.stdout + proc.stderr}
+
+
+def test_the_command_prints_what_a_person_needs_and_logs_the_rest(first_run):
+    cfg, summary = first_run
+    out = summary["output"]
+    lines = out.splitlines()
+    assert len(lines) < 40, out  # stage lines, bars, the table (the quickstart: well under 100)
+    for chatter in ("Failed to query Ray Train Controller", "INFO", "DeepSpeed", "Traceback", "Started a local Ray"):
+        assert chatter not in out, chatter
+    assert "| Fine-tune-CoT |" in out and "[ft_cot D=2] train:" in out and "selected_step" in out
+    logs = list((Path(cfg.run_dir) / "logs").glob("run-*.log"))
+    assert len(logs) == 1 and "deepspeed" in logs[0].read_text().lower()  # the chatter is kept, in the run folder
+    assert not list(Path(cfg.run_dir).glob("train/*/ray_train"))  # checkpoints are scratch: gone after export
 
 
 def test_quickstart_end_to_end_writes_every_stage_and_the_report(first_run):
@@ -110,8 +129,14 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, ray_session):
     while not train_root.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
     assert proc.poll() is None, "the run ended before training started; nothing to kill"
+    time.sleep(3)  # let Ray Train start its workers
+    started = [p for p in psutil.Process(proc.pid).children(recursive=True)]
+    assert any("raylet" in " ".join(p.cmdline()) for p in started)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray, its teacher-sim: everything at once
     proc.wait()
+    # Nothing of the run is left (Ray's agents ignore SIGTERM and outlive a killed driver without the reaper).
+    _, alive = psutil.wait_procs(started, timeout=10)
+    assert not alive, [" ".join(p.cmdline())[:100] for p in alive]
     assert not (stage_dir(cfg, "train") / "manifest.json").exists()
     teach_done = finished_at(cfg, "teach")
 

@@ -16,6 +16,7 @@ from typing import Optional
 
 from ..artifacts import is_complete, write_json
 from ..config import Config
+from ..errors import InputMissing
 from ..evaluation import teacher_metrics
 from ..io import read_json
 
@@ -223,11 +224,11 @@ def run_report(run_dir: str | Path, cfg: Optional[Config] = None) -> dict:
     """Write report.md, results.json and the PNGs for a run folder; returns rows, table and paths."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder {run_dir} does not exist")
+        raise InputMissing(f"run folder {run_dir} does not exist")
     split = cfg.eval.split if cfg else None
     rows = collect_rows(run_dir, split)
     if not rows:
-        raise FileNotFoundError(f"{run_dir}: no finished evaluations (eval/*/metrics.json) or teacher rows (curate/*)")
+        raise InputMissing(f"{run_dir}: no finished evaluations (eval/*/metrics.json) or teacher rows (curate/*)")
     plot_rows = [r for r in rows if r.get("split") == (split or "test")] or rows
     plots = plot_series(plot_rows)
     pngs = write_plots(run_dir, plots)

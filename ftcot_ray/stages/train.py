@@ -174,12 +174,37 @@ def fit(cfg: Config, out: Path, key: str, tokenizer, train_examples, val_example
     )
     bar = BoardBar(board, "train", f"train {cfg.train.method} ({cfg.student.arch}-{cfg.student.size})", total)
     try:
-        result = trainer.fit()
+        result = interruptible(trainer.fit)
     finally:
         bar.close()
     if result.error:
         raise RuntimeError(f"training failed: {result.error}") from result.error
     return result
+
+
+def interruptible(fn):
+    """Run `fn` in a thread so that Ctrl-C reaches us as KeyboardInterrupt (the CLI then says what was
+    kept and exits 130). Called from the main thread, Ray Train installs its own SIGINT handler, which
+    ends the process with exit code 1 and no word; from a thread (as under Tune) it does not."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return fn()
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # handed to the main thread below
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def latest_step(run_folder: Path) -> int | None:
