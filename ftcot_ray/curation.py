@@ -23,7 +23,7 @@ from typing import Iterable
 import numpy as np
 
 from .errors import DataError
-from .prompts import ft_cot_completion, student_prompt, vanilla_completion
+from .prompts import ft_cot_completion, rationale_completion, student_prompt, task_prompt, vanilla_completion
 from .tasks.base import Task
 
 # Why a row was not kept, in the order they are checked (the first that applies is reported).
@@ -174,6 +174,23 @@ def ft_cot_pairs(curated: Iterable[dict], family: str) -> list[dict]:
     ]
 
 
+def step_by_step_pairs(curated: Iterable[dict], family: str) -> list[dict]:
+    """Distilling step-by-step: each kept train/val rationale gives two pairs of one example, the label
+    task (`[label] q` -> gold answer) and the rationale task (`[rationale] q` -> the rationale). The same
+    curated rationales as Fine-tune-CoT, so the two methods are compared on the same data."""
+    out = []
+    for r in curated:
+        if not (r["kept"] and r["split"] in TRAIN_SPLITS):
+            continue
+        q = str(r["question"]).strip()
+        base = {"sample_index": r["sample_index"], "sample_idx": r["sample_idx"], "split": r["split"]}
+        out.append(base | {"task": "label", "prompt": task_prompt("label", q, family),
+                           "completion": vanilla_completion(str(r["answer"]).strip(), family)})
+        out.append(base | {"task": "rationale", "prompt": task_prompt("rationale", q, family),
+                           "completion": rationale_completion(str(r["rationale"]), family)})
+    return out
+
+
 def vanilla_pairs(problems: Iterable[dict], family: str) -> list[dict]:
     """Every train/val question with its gold answer (no teacher involved)."""
     return [
@@ -198,7 +215,8 @@ def _accuracy(rows: list[dict]) -> float | None:
     return round(sum(bool(r["correct"]) for r in answered) / len(answered), 4) if answered else None
 
 
-def curation_stats(curated: list[dict], problems: list[dict], n_ft_cot: int, n_vanilla: int, diversity: int) -> dict:
+def curation_stats(curated: list[dict], problems: list[dict], n_ft_cot: int, n_vanilla: int, diversity: int,
+                   n_step_by_step: int = 0) -> dict:
     train_rows = [r for r in curated if r["split"] in TRAIN_SPLITS]
     kept = [r for r in train_rows if r["kept"]]
     train_questions = [p for p in problems if p["split"] in TRAIN_SPLITS]
@@ -220,7 +238,7 @@ def curation_stats(curated: list[dict], problems: list[dict], n_ft_cot: int, n_v
         "mean_kept_per_question": round(len(kept) / len(train_questions), 4) if train_questions else 0.0,
         "rejects": {reason: sum(r["reject_reason"] == reason for r in curated) for reason in REJECT_REASONS},
         "splits": dict(Counter(p["split"] for p in problems)),
-        "pairs": {"ft_cot": n_ft_cot, "vanilla": n_vanilla},
+        "pairs": {"ft_cot": n_ft_cot, "vanilla": n_vanilla, "step_by_step": n_step_by_step},
     }
 
 

@@ -4,13 +4,14 @@ self-consistency vote, metrics, the teacher's own row. No Ray here (stages/evalu
 Methods (the `method` label in metrics.json, which the report groups by):
   ft_cot        a Fine-tune-CoT student: `{q} ###` -> ` {rationale} --> {answer}`; answer after `-->`
   vanilla       a student fine-tuned on ` {answer}`: the first candidate of the output
+  step_by_step  distilling step-by-step: `[label] {q} ###` -> ` {answer}` (the label task); first candidate
   zero_shot     prompting: `Q: {q}\\nA: Therefore, the answer is` -> first candidate
   zero_shot_cot prompting in two steps (Kojima et al., as the teacher is asked) -> first candidate of step 2
   few_shot_cot  the paper's exemplars + `Q: {q}\\nA:` -> answer after `The answer is`
   teacher       the teacher's own step-2 answers from the curate stage
 
 Where we differ from the paper: a Fine-tune-CoT output without `-->` is counted wrong and not
-well-formed (DESIGN.md; `eval.require_marker=false` restores the paper's fallback to the last
+well-formed (a choice of ours; `eval.require_marker=false` restores the paper's fallback to the last
 candidate). Few-shot-CoT keeps the paper's fallback.
 """
 
@@ -29,6 +30,7 @@ from .io import read_jsonl
 MARKERS: dict[str, Optional[str]] = {
     "ft_cot": prompts.FT_COT_MARKER,
     "vanilla": None,
+    "step_by_step": None,  # the label task answers directly: its first candidate
     "zero_shot": None,
     "zero_shot_cot": prompts.ANSWER_TRIGGER,  # the step-2 answer follows the last trigger in the output
     "few_shot_cot": prompts.FEW_SHOT_MARKER,
@@ -69,8 +71,8 @@ def render_exemplars(exemplars: Sequence[dict]) -> str:
 
 def first_prompt(method: str, question: str, family: str = "decoder", exemplars: str | None = None) -> str:
     """The first (often only) prompt of a method for one question."""
-    if method in ("ft_cot", "vanilla"):
-        return prompts.student_prompt(question, family)
+    if method in ("ft_cot", "vanilla", "step_by_step"):
+        return prompts.method_prompt(method, question, family)
     if method == "zero_shot":
         return prompts.zero_shot_prompt(question)
     if method == "zero_shot_cot":
@@ -171,6 +173,8 @@ def grade_row(task, row: dict, method: str, require_marker: bool = True) -> dict
         "output_tokens": tokens[0] if tokens else None,
         "error": row.get("error"),
     }
+    if row.get("rationale") is not None:  # a step-by-step student's rationale task, when asked for
+        out["rationale"] = row["rationale"]
     if len(outputs) > 1:
         out |= {
             "samples": outputs,

@@ -1,4 +1,4 @@
-"""Every prompt and training-format string, in one place (DESIGN.md, the paper's exact formats)."""
+"""Every prompt and training-format string, in one place (the paper's exact formats)."""
 
 from __future__ import annotations
 
@@ -53,6 +53,30 @@ def ft_cot_completion(rationale: str, answer: str, family: str) -> str:
 def vanilla_completion(answer: str, family: str) -> str:
     """Vanilla fine-tuning baseline: ` {answer}` (decoder) / `{answer}` (enc-dec)."""
     return str(answer) if family == "encoder-decoder" else f" {answer}"
+
+
+# Distilling step-by-step (Hsieh et al., 2023): one student learns two tasks on the same curated data,
+# told apart by a prefix on the input: the label task (question -> answer, the one run at inference)
+# and the rationale task (question -> the teacher's rationale), losses weighted by train.rationale_weight.
+TASK_PREFIXES = {"label": "[label] ", "rationale": "[rationale] "}
+
+
+def task_prompt(task: str, question: str, family: str) -> str:
+    """`[label] {q} ###` / `[rationale] {q} ###` (decoder-only), without ` ###` for encoder-decoders."""
+    return student_prompt(f"{TASK_PREFIXES[task]}{question}", family)
+
+
+def rationale_completion(rationale: str, family: str) -> str:
+    """The rationale task's target: ` {rationale}` (decoder) / `{rationale}` (enc-dec)."""
+    body = rationale.strip()
+    return body if family == "encoder-decoder" else f" {body}"
+
+
+def method_prompt(method: str, question: str, family: str) -> str:
+    """The prompt a trained student of `method` answers from (step-by-step students: the label task)."""
+    if method == "step_by_step":
+        return task_prompt("label", question, family)
+    return student_prompt(question, family)
 
 
 def zero_shot_prompt(question: str) -> str:

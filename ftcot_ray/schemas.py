@@ -41,6 +41,7 @@ TABLES: dict[str, Table] = {t.name: t for t in (
     Table("curated", "curated.jsonl", CURATED_COLUMNS),
     Table("ft_cot_pairs", "ft_cot_pairs.jsonl", PAIR_COLUMNS),
     Table("vanilla_pairs", "vanilla_pairs.jsonl", PAIR_COLUMNS),
+    Table("step_by_step_pairs", "step_by_step_pairs.jsonl", PAIR_COLUMNS + ("task",)),
     Table("predictions", "predictions.jsonl", PREDICTION_COLUMNS),
 )}
 

@@ -187,7 +187,7 @@ def test_matches_the_authors_fine_tune_file_and_keeps_323_multiarith_rationales(
     ]
     curated = curation.curate_rows(rows, get_task("multiarith"), 1, drop_truncated=False)
     pairs = curation.ft_cot_pairs(curated, "decoder")
-    assert len(pairs) == 323  # DESIGN.md: 323 of the 420 training questions have a correct rationale
+    assert len(pairs) == 323  # the paper's count: 323 of the 420 training questions have a correct rationale
 
     # Their GPT-3 file writes "{q}\n\n###\n\n" -> " {rationale}\n\n-->\n\n{answer} END": same text, other separators.
     theirs = [json.loads(line) for line in (rt / "teacher_completions_mmmaxyoung_test2/saved/finetune_data/"

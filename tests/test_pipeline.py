@@ -99,7 +99,7 @@ def test_rerun_of_a_finished_run_does_no_work(first_run):
 
 def test_changing_lr_reruns_train_and_eval_only(first_run):
     cfg, _ = first_run
-    base = with_overrides(cfg, {"pipeline.diversity": [1], "pipeline.vanilla": False})
+    base = with_overrides(cfg, {"pipeline.diversity": [1], "pipeline.methods": ["ft_cot"]})
     before = {s: finished_at(base, s) for s in ("data", "teach")}
     changed = with_overrides(base, {"train.lr": 5e-4})
     assert stage_dir(changed, "curate") == stage_dir(base, "curate")
@@ -118,10 +118,10 @@ def _env():
 
 def test_killed_run_resumes_where_it_stopped(tmp_path, ray_session):
     run_dir = tmp_path / "killed"
-    cfg = small_cfg(run_dir, "pipeline.diversity=[1]", "pipeline.vanilla=false")
+    cfg = small_cfg(run_dir, "pipeline.diversity=[1]", "pipeline.methods=[ft_cot]")
     proc = subprocess.Popen(
         [sys.executable, "-m", "ftcot_ray", "run", f"run_dir={run_dir}", *SMALL,
-         "pipeline.diversity=[1]", "pipeline.vanilla=false"],
+         "pipeline.diversity=[1]", "pipeline.methods=[ft_cot]"],
         cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     train_root = run_dir / "train"

@@ -37,7 +37,7 @@ def student(arch="gpt2", **kw):
 def test_tokenizer_special_tokens_and_names_are_single_tokens(tok):
     assert tok.pad_token == "<pad>" and tok.eos_token == "<eos>"
     assert tok.pad_token_id != tok.eos_token_id
-    for name in NAMES:  # DESIGN trap: a split name gets garbled by the student
+    for name in NAMES:  # ARCHITECTURE.md, facts: a split name gets garbled by the student
         assert len(tok(f" {name}", add_special_tokens=False)["input_ids"]) == 1, name
     text = "Ann flips the coin. --> yes"
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text

@@ -2,7 +2,7 @@
 
 Reads: `completions` (the teach folder, or `--in`), `problems` (the teach folder's copy, else the
 data stage's). Keeps samples with ``sample_idx < curate.diversity``. Writes: `curated`, `problems`
-(with a val split carved out of train), `ft_cot_pairs`, `vanilla_pairs`. The work is a few
+(with a val split carved out of train), `ft_cot_pairs`, `vanilla_pairs`, `step_by_step_pairs`. The work is a few
 thousand rows of string handling, so it runs on the driver: Ray would only add start-up time.
 What it does lives in ftcot_ray/curation.py.
 """
@@ -20,7 +20,7 @@ from ..tasks.custom import resolve_task
 
 STAGE = "curate"
 INPUTS = ("completions", "problems")
-OUTPUTS = ("curated", "problems", "ft_cot_pairs", "vanilla_pairs")
+OUTPUTS = ("curated", "problems", "ft_cot_pairs", "vanilla_pairs", "step_by_step_pairs")
 
 
 def load_problems(cfg: Config, teach_dir: Path, rows: list[dict], where: str) -> tuple[list[dict], str]:
@@ -59,11 +59,14 @@ def run(cfg: Config, out: Path | None = None, inp: Path | None = None) -> dict:
     family = cfg.student.family
     ft_cot = curation.ft_cot_pairs(curated, family)
     vanilla = curation.vanilla_pairs(problems, family)
+    step_by_step = curation.step_by_step_pairs(curated, family)
     st.write("curated", curated)
     st.write("problems", problems)
     st.write("ft_cot_pairs", ft_cot)
     st.write("vanilla_pairs", vanilla)
-    summary = curation.curation_stats(curated, problems, len(ft_cot), len(vanilla), c.diversity) | {
+    st.write("step_by_step_pairs", step_by_step)
+    summary = curation.curation_stats(curated, problems, len(ft_cot), len(vanilla), c.diversity,
+                                      len(step_by_step)) | {
         "samples_available": d_max,
         "family": family,
         "problems_from": problems_from,

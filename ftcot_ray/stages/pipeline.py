@@ -1,6 +1,6 @@
 """`ftcot run`: the whole Fine-tune-CoT recipe, stage after stage.
 
-    data -> teach (D_max samples, once) -> for each D: curate(D) -> train(ft_cot) -> eval
+    data -> teach (D_max samples, once) -> for each D: curate(D) -> train(ft_cot | step_by_step) -> eval
                                          -> vanilla:  curate(1) -> train(vanilla) -> eval
          -> report (table + PNG)
 
@@ -22,12 +22,12 @@ STAGE = "run"
 
 
 def variants(cfg: Config) -> list[tuple[str, Config]]:
-    """The students one run trains: Fine-tune-CoT at each D, and the vanilla baseline."""
+    """The students one run trains: Fine-tune-CoT (and distilling step-by-step) at each D, then vanilla."""
     out = []
     for d in cfg.pipeline.diversity:
-        label = f"ft_cot D={d}"
-        out.append((label, with_overrides(cfg, {"curate.diversity": d, "train.method": "ft_cot"})))
-    if cfg.pipeline.vanilla:
+        for method in (m for m in ("ft_cot", "step_by_step") if m in cfg.pipeline.methods):
+            out.append((f"{method} D={d}", with_overrides(cfg, {"curate.diversity": d, "train.method": method})))
+    if "vanilla" in cfg.pipeline.methods:
         out.append(("vanilla", with_overrides(cfg, {"curate.diversity": 1, "train.method": "vanilla"})))
     return out
 

@@ -27,6 +27,7 @@ METHOD_NAMES = {
     "few_shot_cot": "Few-shot-CoT",
     "vanilla": "Vanilla FT",
     "ft_cot": "Fine-tune-CoT",
+    "step_by_step": "Distilling step-by-step",
 }
 METHOD_ORDER = list(METHOD_NAMES)
 COLUMNS = ["name", "student", "params", "dataset", "split", "accuracy", "n", "correct", "well_formed",
@@ -35,6 +36,7 @@ COLUMNS = ["name", "student", "params", "dataset", "split", "accuracy", "n", "co
 PLOT_METHOD = "accuracy_by_method.png"
 PLOT_DIVERSITY = "accuracy_vs_diversity.png"
 PLOT_SIZE = "accuracy_vs_student_size.png"
+PLOT_COST = "accuracy_vs_output_tokens.png"
 
 
 # --------------------------------------------------------------------------- rows
@@ -47,6 +49,8 @@ def row_name(m: dict) -> str:
     d = m.get("diversity")
     if method == "ft_cot" and d and d > 1:
         name = f"FT-CoT + diverse (D={d})"
+    if method == "step_by_step" and d and d > 1:
+        name = f"Step-by-step + diverse (D={d})"
     if m.get("k", 1) and m.get("k", 1) > 1:
         name += f" (vote@{m['k']})"
     return name
@@ -128,6 +132,11 @@ def plot_series(rows: list[dict]) -> dict[str, dict[str, list[list[float]]]]:
         for r in sized:
             by_method.setdefault(r["name"], []).append([r["params"], r["accuracy"]])
         plots[PLOT_SIZE] = {name: sorted(p) for name, p in by_method.items()}
+    # Accuracy against what an answer costs at inference (its generated tokens), one point per student.
+    students = [r for r in rows if r.get("method") in ("ft_cot", "step_by_step", "vanilla")
+                and r.get("mean_output_tokens") is not None and r.get("k", 1) == 1]
+    if len({r["method"] for r in students}) > 1:
+        plots[PLOT_COST] = {r["name"]: [[r["mean_output_tokens"], r["accuracy"]]] for r in students}
     return plots
 
 
@@ -146,6 +155,13 @@ def draw(plot: str, series: dict[str, list[list[float]]]):
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
         ax.set_xticks(range(len(labels)), labels, rotation=25, ha="right", fontsize=8)
         ax.set_title("Accuracy per method")
+    elif plot == PLOT_COST:
+        for label, pts in series.items():
+            ax.scatter([p[0] for p in pts], [p[1] * 100 for p in pts], s=60, label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("mean generated tokens per answer (inference cost)")
+        ax.set_title("Accuracy vs inference cost")
+        ax.legend(fontsize=8)
     else:
         for label, pts in series.items():
             ax.plot([p[0] for p in pts], [p[1] * 100 for p in pts], marker="o", label=label)

@@ -29,7 +29,7 @@ from ..student.card import card_for, write_card
 from ..tasks.custom import resolve_task
 
 STAGE = "train"
-PAIR_TABLES = {"ft_cot": "ft_cot_pairs", "vanilla": "vanilla_pairs"}
+PAIR_TABLES = {"ft_cot": "ft_cot_pairs", "vanilla": "vanilla_pairs", "step_by_step": "step_by_step_pairs"}
 
 
 def run(cfg: Config, out: Path | None = None, inp: Path | None = None, fault: dict | None = None,
@@ -76,14 +76,15 @@ def run(cfg: Config, out: Path | None = None, inp: Path | None = None, fault: di
 
 def pick_val_questions(cfg: Config, problems: list[dict]) -> list[dict]:
     """The val questions the student answers at each validation ({"prompt", "answer"}), capped."""
-    from ..prompts import student_prompt
+    from ..prompts import method_prompt
 
     val = sorted((p for p in problems if p["split"] == "val"), key=lambda p: p["sample_index"])
     if not val and cfg.train.select == "val_accuracy":
         raise DataError(f"train.select=val_accuracy but the curate output has no val questions: "
                         "raise curate.val_fraction, or set train.select=last")
     cap = cfg.train.val_max_examples
-    return [{"prompt": student_prompt(str(p["question"]).strip(), cfg.student.family), "answer": str(p["answer"])}
+    return [{"prompt": method_prompt(cfg.train.method, str(p["question"]).strip(), cfg.student.family),
+             "answer": str(p["answer"])}
             for p in (val[:cap] if cap else val)]
 
 
@@ -94,7 +95,9 @@ def make_tokenizer(cfg: Config, st):
     s = cfg.student
     if s.tokenizer or s.pretrained:
         return load_tokenizer(s.tokenizer or s.pretrained)
-    rows = [r for name in PAIR_TABLES.values() if table_path(st.input, name).is_file() for r in st.read(name)]
+    # The same vocabulary for every method of a run: trained on all pair tables of the curate folder.
+    rows = [r for name in PAIR_TABLES.values() if table_path(st.input, name).is_file()
+            for r in st.read(name, columns=("prompt", "completion"))]
     return train_tokenizer(pair_texts(rows), s.vocab_size)
 
 

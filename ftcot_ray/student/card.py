@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import InputFileError
-from ..prompts import FT_COT_MARKER, student_prompt
+from ..prompts import FT_COT_MARKER, method_prompt, task_prompt
 
 CARD = "ftcot_student.json"
 FORMAT = "ftcot-student/1"
@@ -40,8 +40,12 @@ class StudentCard:
     format: str = FORMAT
 
     def prompt(self, question: str) -> str:
-        """The prompt the student was trained on, for a plain question."""
-        return student_prompt(question.strip(), self.family)
+        """The prompt the student was trained on, for a plain question (step-by-step: the label task)."""
+        return method_prompt(self.method, question.strip(), self.family)
+
+    def rationale_prompt(self, question: str) -> str | None:
+        """Step-by-step students also write a rationale when asked with the rationale task; others: None."""
+        return task_prompt("rationale", question.strip(), self.family) if self.method == "step_by_step" else None
 
     def to_json(self) -> dict:
         return asdict(self)

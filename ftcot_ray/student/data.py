@@ -27,6 +27,7 @@ import torch
 from ..errors import DataError
 
 IGNORE = -100
+TASKS = ("label", "rationale")  # distilling step-by-step's two tasks; single-task pairs count as "label"
 
 
 @dataclass
@@ -108,6 +109,7 @@ def encode_pairs(rows: list[dict], tokenizer, family: str, max_length: int, on_o
         if ex is None:
             out.stats.dropped_no_target += 1
             continue
+        ex["task"] = TASKS.index(row.get("task", "label"))  # step-by-step pairs say which task they are
         out.examples.append(ex)
         out.stats.label_tokens += ex["label_tokens"]
     out.stats.examples = len(out.examples)
@@ -183,14 +185,35 @@ def micro_batches(indices: list[int], rank: int, world: int, accum: int) -> list
     return [mine[i * size:(i + 1) * size] for i in range(accum)]
 
 
-def token_loss(model, batch: dict, family: str) -> tuple[torch.Tensor, int]:
-    """(summed cross-entropy over the label tokens, their count) for one micro-batch; -100 ignored."""
+def token_losses(model, batch: dict, family: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a micro-batch: (summed cross-entropy over its label tokens, their count); -100 ignored."""
     labels = batch["labels"]
     if family == "encoder-decoder":
         logits = model(**batch).logits
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         labels = labels[:, 1:]
-    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                             ignore_index=IGNORE, reduction="sum")
-    return loss, int((labels != IGNORE).sum())
+    ce = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                           ignore_index=IGNORE, reduction="none").view(labels.shape)
+    return ce.sum(dim=1), (labels != IGNORE).sum(dim=1)
+
+
+def token_loss(model, batch: dict, family: str) -> tuple[torch.Tensor, int]:
+    """(summed cross-entropy over the label tokens, their count) for one micro-batch."""
+    sums, counts = token_losses(model, batch, family)
+    return sums.sum(), int(counts.sum())
+
+
+def row_weights(examples: list[dict], indices: list[int], rationale_weight: float | None = None) -> dict[int, float]:
+    """The weight of each example's summed token loss in the step's objective.
+
+    One task: 1 / (label tokens of the whole global batch), i.e. the step's token mean, however the
+    batch is split over workers. Distilling step-by-step (`rationale_weight` = lambda): the label
+    task's token mean + lambda x the rationale task's token mean, each over the global batch.
+    """
+    if rationale_weight is None:
+        total = sum(examples[i]["label_tokens"] for i in indices)
+        return {i: 1.0 / total for i in indices}
+    counts = [sum(examples[i]["label_tokens"] for i in indices if examples[i]["task"] == t) for t in range(len(TASKS))]
+    scale = (1.0, rationale_weight)
+    return {i: scale[examples[i]["task"]] / counts[examples[i]["task"]] for i in indices}

@@ -32,7 +32,8 @@ import torch
 
 from ..config import Config
 from .card import AnswerRules
-from .data import batch_tokens, collate, global_batch, micro_batches, steps_per_epoch, token_loss
+from .data import (TASKS, batch_tokens, collate, global_batch, micro_batches, row_weights, steps_per_epoch,
+                   token_losses)
 from .ds_config import ds_config
 from .export import gathered_state_dict, save_student
 from .model import apply_lora, build_model, count_params
@@ -90,23 +91,32 @@ def train_loop(config: dict) -> None:
         report(state, evaluated=False, final=True)
         return
 
+    lam = t.rationale_weight if t.method == "step_by_step" else None
     for step in range(state["step"], total):
         t0 = time.perf_counter()
         indices = global_batch(len(train), t.batch_size, step, t.seed)
-        scale = world * accum / sum(train[i]["label_tokens"] for i in indices)  # see data.py: global token mean
-        loss_sum = torch.zeros(1, dtype=torch.float64)
+        weights = row_weights(train, indices, lam)  # see data.py: token means over the GLOBAL batch
+        parts = torch.zeros(1 + len(TASKS), dtype=torch.float64)  # objective, then each task's weighted part
         engine.train()
         for mb in micro_batches(indices, rank, world, accum):
             batch = {k: v.to(device) for k, v in collate([train[i] for i in mb], tok.pad_token_id, family).items()}
-            loss, _ = token_loss(engine, batch, family)
-            engine.backward(loss * scale)  # DeepSpeed divides by accum and averages over ranks: undone by `scale`
+            sums, _ = token_losses(engine, batch, family)
+            w = torch.tensor([weights[i] for i in mb], dtype=sums.dtype, device=sums.device)
+            loss = (sums * w).sum()
+            # DeepSpeed divides by the accumulation steps and averages over ranks: undone by world x accum.
+            engine.backward(loss * (world * accum))
             engine.step()
-            loss_sum += float(loss.detach())
+            parts[0] += float(loss.detach())
+            for k, i in enumerate(mb):
+                parts[1 + train[i]["task"]] += float((sums[k] * w[k]).detach())
             state["tokens"] += batch_tokens(batch, family)
         state["train_s"] += time.perf_counter() - t0
         done = state["step"] = step + 1
         if done % p["log_every"] == 0 or done == 1 or done == total:
-            state["train_loss"].append([done, _sum_over_ranks(loss_sum) * scale / (world * accum)])
+            reduced = _all_reduce(parts)
+            state["train_loss"].append([done, float(reduced[0])])
+            if lam is not None:  # both losses of distilling step-by-step, each a token mean
+                state.setdefault("task_losses", []).append([done, float(reduced[1]), float(reduced[2]) / lam if lam else 0.0])
         if progress is not None and rank == 0 and (done % 5 == 0 or done == total):
             progress.update.remote("train", done, total, loss=state["train_loss"][-1][1])
         _maybe_fail(fault, rank, done)
@@ -175,19 +185,28 @@ class Validator:
         return out
 
     def _loss(self, engine) -> dict:
+        """Token-mean val loss per task; the objective's val loss (step-by-step: label + lambda x rationale)."""
         if not self.val:
             return {}
-        totals = torch.zeros(2, dtype=torch.float64)
+        totals = torch.zeros(2 * len(TASKS), dtype=torch.float64)  # per task: summed loss, tokens
         mb = self.cfg.train.micro_batch()
         # ZeRO-3 gathers parameters collectively in every forward: all ranks then take every batch.
         mine = self.val if self.zero3 else self.val[self.rank::self.world]
         for i in range(0, len(mine), mb):
-            batch = {k: v.to(self.device) for k, v in collate(mine[i:i + mb], self.tok.pad_token_id, self.family).items()}
-            loss, n = token_loss(engine, batch, self.family)
-            totals += torch.tensor([float(loss), float(n)], dtype=torch.float64)
+            chunk = mine[i:i + mb]
+            batch = {k: v.to(self.device) for k, v in collate(chunk, self.tok.pad_token_id, self.family).items()}
+            sums, counts = token_losses(engine, batch, self.family)
+            for ex, loss, n in zip(chunk, sums.tolist(), counts.tolist()):
+                totals[2 * ex["task"]] += loss
+                totals[2 * ex["task"] + 1] += n
         if not self.zero3:
             totals = _all_reduce(totals)
-        return {"val_loss": float(totals[0] / max(float(totals[1]), 1.0))}
+        means = [float(totals[2 * t] / totals[2 * t + 1]) if totals[2 * t + 1] else None for t in range(len(TASKS))]
+        if self.cfg.train.method != "step_by_step":
+            return {"val_loss": means[0]}
+        lam = self.cfg.train.rationale_weight
+        return {"val_loss": (means[0] or 0.0) + lam * (means[1] or 0.0), "val_label_loss": means[0],
+                "val_rationale_loss": means[1]}
 
     def _accuracy(self, engine) -> dict:
         from ..evaluation import read_prediction

@@ -1,7 +1,7 @@
 """Student tokenizers: a byte-level BPE trained on the task text, or a pretrained one from a path.
 
 From scratch we train on the text of BOTH pair files of a curate folder, so the Fine-tune-CoT
-and the vanilla students of one run share one vocabulary (DESIGN: a vocabulary of ~1,000 keeps
+and the vanilla students of one run share one vocabulary (ARCHITECTURE.md, facts: a vocabulary of ~1,000 keeps
 every name a single token; smaller ones split names and the student garbles them).
 """
 

@@ -6,7 +6,7 @@ tasks, with the number of people / words set by ``data.difficulty``. Questions a
 
 Where we differ from the paper's coin flip: the classic wording "X does not flip the coin." is
 longer than "X flips the coin.", so the prompt's length gives the answer away and a vanilla student
-scores 100 % by counting tokens (DESIGN.md, traps). Here the two sentence kinds are
+scores 100 % by counting tokens (ftcot_ray/ARCHITECTURE.md, facts). Here the two sentence kinds are
 "X flips the coin." / "X holds the coin." (same number of words, five-letter verbs, single BPE
 tokens), so every prompt of one difficulty has the same token length.
 
