@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
+from . import storage
 from .config import SECTION_STAGE, Config, dump_config, result_material
 from .errors import RunDirError, StageInputMissing
 from .schemas import file_sha256, read_table, table, write_table
@@ -130,8 +131,32 @@ def stage_key(cfg: Config, stage: str, inp: Path | str | None = None) -> str:
     return digest({"stage": stage, "inputs": key_material(cfg, stage), "upstream": upstream})
 
 
+def run_root(cfg: Config) -> Path:
+    """The run folder stages work in: `run_dir` itself, or the local mirror of a `run_dir` URI (storage.py)."""
+    return storage.mirror_of(cfg.run_dir) if storage.is_uri(cfg.run_dir) else Path(cfg.run_dir)
+
+
+def remote_of(cfg: Config, path: Path) -> Optional[str]:
+    """The URI a folder of the local mirror stands for (None for a local run folder, or a path outside it)."""
+    if not storage.is_uri(cfg.run_dir):
+        return None
+    try:
+        rel = Path(path).resolve().relative_to(run_root(cfg).resolve())
+    except ValueError:
+        return None
+    return storage.join(cfg.run_dir, rel.as_posix())
+
+
 def stage_dir(cfg: Config, stage: str, inp: Path | str | None = None) -> Path:
-    return Path(cfg.run_dir) / stage / stage_key(cfg, stage, inp)
+    return run_root(cfg) / stage / stage_key(cfg, stage, inp)
+
+
+def is_done(cfg: Config, path: Path | str) -> bool:
+    """is_complete, after fetching the folder from the run's URI when the run folder is remote."""
+    remote = remote_of(cfg, Path(path))
+    if remote is not None and not is_complete(path):
+        storage.pull(remote, Path(path))
+    return is_complete(path)
 
 
 # --------------------------------------------------------------------------- manifests
@@ -283,6 +308,9 @@ class Stage:
             raise RuntimeError(f"stage {self.name} finished without writing its table(s) {', '.join(missing)}")
         self.prepare()
         finish(self.out, self.cfg, self.name, summary=summary, key=self.key, tables=self.tables, input_dir=self.input)
+        remote = remote_of(self.cfg, self.out)
+        if remote is not None:  # files first, the manifest last (storage.push)
+            storage.push(self.out, remote)
         return summary
 
 
@@ -297,8 +325,8 @@ def open_stage(cfg: Config, name: str, out: Path | str | None = None, inp: Path 
     retry of error rows). The folder is cleared and created at the stage's first write.
     """
     key = stage_key(cfg, name, inp)
-    out = Path(out) if out else Path(cfg.run_dir) / name / key
-    if is_complete(out):
+    out = Path(out) if out else run_root(cfg) / name / key
+    if is_done(cfg, out):
         summary = read_manifest(out)["summary"]
         if reopen is None or not reopen(summary):
             return Stage(cfg, name, out, key, None, reused=True, summary=summary | {"reused": True})
@@ -307,6 +335,7 @@ def open_stage(cfg: Config, name: str, out: Path | str | None = None, inp: Path 
     if inp is not None and needs is not None:
         input_dir = require(inp, needs)
     elif needs is not None:
+        is_done(cfg, stage_dir(cfg, needs))  # fetched first when the run folder is remote
         input_dir = require(stage_dir(cfg, needs), needs)
     return Stage(cfg, name, out, key, input_dir, keep=tuple(keep))
 

@@ -43,10 +43,10 @@ def check_student(cfg: Config) -> dict:
 
 
 def check_teacher(cfg: Config) -> dict:
-    from .artifacts import is_complete, stage_dir
+    from .artifacts import is_done, stage_dir
 
     t = cfg.teacher
-    if is_complete(stage_dir(cfg, "teach")):
+    if is_done(cfg, stage_dir(cfg, "teach")):
         return {"teacher": "completions already in the run folder: no teacher call needed", "ok": True}
     if t.base_url is None:
         if t.sim.mode == "replay" and not (t.sim.replay_path and Path(t.sim.replay_path).exists()):
@@ -60,10 +60,10 @@ def check_teacher(cfg: Config) -> dict:
 
 def check_data(cfg: Config) -> dict:
     """Load the data as the data stage will (well under a second), and say whether it can be trained on."""
-    from .artifacts import is_complete, stage_dir
+    from .artifacts import is_done, stage_dir
     from .stages.data import build
 
-    if is_complete(stage_dir(cfg, "data")):
+    if is_done(cfg, stage_dir(cfg, "data")):
         return {"data": "problems already in the run folder", "ok": True}
     try:
         rows, split, notes = build(cfg)
@@ -79,6 +79,15 @@ def check_run_dir(cfg: Config) -> dict:
     """The run folder can be written (checked without creating it)."""
     import tempfile
 
+    from . import storage
+
+    if storage.is_uri(cfg.run_dir):
+        problem = storage.check_writable(cfg.run_dir)
+        if problem:
+            return {"run_dir": f"run_dir {cfg.run_dir} cannot be written ({problem}): check the URI and the "
+                               "credentials in the environment (AWS_* / GOOGLE_APPLICATION_CREDENTIALS)", "ok": False}
+        return {"run_dir": f"{cfg.run_dir} is writable (stages work in the local mirror {storage.mirror_of(cfg.run_dir)})",
+                "ok": True}
     path = Path(cfg.run_dir).resolve()
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     try:

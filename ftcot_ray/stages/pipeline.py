@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..artifacts import is_complete, stage_dir
+from ..artifacts import is_done, run_root, stage_dir
 from ..config import Config, with_overrides
 from ..logs import say
 
@@ -43,7 +43,7 @@ def plan(cfg: Config) -> list[dict]:
         if path in seen:
             continue
         seen.add(path)
-        rows.append({"stage": stage, "dir": str(path), "done": is_complete(path)})
+        rows.append({"stage": stage, "dir": str(path), "done": is_done(c, path)})
     return rows
 
 
@@ -64,7 +64,7 @@ def run(cfg: Config) -> dict:
         say(f"[{label}] train: {_line(s['train'], 'steps', 'selected_step', 'val_accuracy', 'wall_s')}")
         s["eval"] = evaluate.run(c)
         say(f"[{label}] eval: {_line(s['eval'], 'accuracy', 'n')}")
-    summaries["report"] = report.run_report(Path(cfg.run_dir), cfg)
+    summaries["report"] = report.run_report(run_root(cfg), cfg)
     summaries["wall_s"] = round(time.time() - t0, 1)
     return summaries
 

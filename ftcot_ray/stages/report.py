@@ -252,6 +252,15 @@ def run_report(run_dir: str | Path, cfg: Optional[Config] = None) -> dict:
     write_json(run_dir / "results.json", {"rows": rows, "plots": plots})
     out = {"report_md": str(run_dir / "report.md"), "results": str(run_dir / "results.json"),
            "plots": [str(p) for p in pngs], "rows": rows, "table": results_table(rows)}
+    if cfg is not None:
+        from ..artifacts import remote_of
+
+        remote = remote_of(cfg, run_dir)
+        if remote is not None:  # the report beside the stages, in the run's URI
+            from .. import storage
+
+            storage.push_files(run_dir, pngs + [run_dir / "report.md", run_dir / "results.json"], remote)
+            out["uri"] = remote
     if cfg and cfg.report.mlflow_uri:
         out["mlflow_run_id"] = log_mlflow(cfg.report.mlflow_uri, cfg.report.mlflow_experiment, run_dir, rows,
                                           pngs + [run_dir / "report.md", run_dir / "results.json"])

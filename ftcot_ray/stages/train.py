@@ -134,6 +134,17 @@ def check_model_fits_tokenizer(cfg: Config, tokenizer) -> None:
                           f"{s.pretrained} embeds only {n_emb} (student.tokenizer={s.tokenizer!r})")
 
 
+def checkpoint_storage(cfg: Config, out: Path) -> str:
+    """train.storage_path, else `<train dir>/ray_train` (under the run's URI when the run folder is remote,
+    so checkpoints survive a lost node)."""
+    from ..artifacts import remote_of
+
+    if cfg.train.storage_path:
+        return cfg.train.storage_path
+    remote = remote_of(cfg, out)
+    return f"{remote}/ray_train" if remote else str((out / "ray_train").resolve())
+
+
 def run_name(cfg: Config, key: str) -> str:
     """Ray Train's run name: the same for a re-run of the same stage on the same worker layout, so
     Ray Train restores its checkpoints (a DeepSpeed checkpoint only loads on the layout that wrote it)."""
@@ -151,9 +162,9 @@ def fit(cfg: Config, out: Path, key: str, tokenizer, train_examples, val_example
 
     init_ray(cfg)
     t = cfg.train
-    storage = t.storage_path or str((out / "ray_train").resolve())
+    storage = checkpoint_storage(cfg, out)
     name = run_name(cfg, key)
-    resumed = latest_step(Path(storage) / name) if not t.storage_path or "://" not in t.storage_path else None
+    resumed = latest_step(Path(storage) / name) if "://" not in storage else None
     if resumed:
         say(f"train: resuming from the checkpoint at step {resumed} ({Path(storage) / name})")
     total = plan(t, len(train_examples))["total"]
@@ -241,6 +252,6 @@ def collect_outputs(result, out: Path, cfg: Config) -> dict:
                            f"{chosen.get('step')} the training recorded")
     metrics["selection"] = {"select": cfg.train.select, **chosen}
     metrics["val_curve"] = metrics.pop("val", [])
-    if not cfg.train.storage_path:
+    if "://" not in checkpoint_storage(cfg, out):  # local scratch; on shared storage they stay for the record
         shutil.rmtree(out / "ray_train", ignore_errors=True)
     return metrics
