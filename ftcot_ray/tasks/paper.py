@@ -109,43 +109,38 @@ def _equation_files(path: Path, key: str) -> list[dict]:
     return data
 
 
-def load_single_eq(source, data_cfg=None) -> list[dict]:
-    path = raw_path("single_eq", source)
-    rows = []
-    for i, s in enumerate(_equation_files(path, "SingleEq")):
-        where = f"{path}: record {i}"
-        rows.append({"question": _field(s, "sQuestion", where), "answer": str(_field(s, "lSolutions", where)[0])})
-    return _numbered(rows)
+def _equation_loader(key: str, label: str, record: Callable[[dict, str], dict]) -> Callable:
+    """A loader for one of the JSON-list arithmetic files; `record(raw, where)` makes one question."""
+    def load(source, data_cfg=None) -> list[dict]:
+        path = raw_path(key, source)
+        return _numbered([record(s, f"{path}: record {i}") for i, s in enumerate(_equation_files(path, label))])
+
+    load.__name__ = f"load_{key}"
+    return load
 
 
-def load_addsub(source, data_cfg=None) -> list[dict]:
-    path = raw_path("addsub", source)
-    rows = []
-    for i, s in enumerate(_equation_files(path, "AddSub")):
-        where = f"{path}: record {i}"
-        rows.append({"question": _field(s, "sQuestion", where).strip(), "answer": str(_field(s, "lSolutions", where)[0])})
-    return _numbered(rows)
+def _single_eq(s: dict, where: str) -> dict:
+    return {"question": _field(s, "sQuestion", where), "answer": str(_field(s, "lSolutions", where)[0])}
 
 
-def load_multiarith(source, data_cfg=None) -> list[dict]:
-    path = raw_path("multiarith", source)
-    rows = []
-    for i, s in enumerate(_equation_files(path, "MultiArith")):
-        where = f"{path}: record {i}"
-        solution = _field(s, "lSolutions", where)[0]
-        # All MultiArith solutions are whole numbers stored as floats: "39", not "39.0".
-        rows.append({"question": _field(s, "sQuestion", where).strip(), "answer": str(int(solution))})
-    return _numbered(rows)
+def _addsub(s: dict, where: str) -> dict:
+    return {"question": _field(s, "sQuestion", where).strip(), "answer": str(_field(s, "lSolutions", where)[0])}
 
 
-def load_svamp(source, data_cfg=None) -> list[dict]:
-    path = raw_path("svamp", source)
-    rows = []
-    for i, s in enumerate(_equation_files(path, "SVAMP")):
-        where = f"{path}: record {i}"
-        question = _field(s, "Body", where).strip() + " " + _field(s, "Question", where).strip()
-        rows.append({"question": question, "answer": str(_field(s, "Answer", where))})
-    return _numbered(rows)
+def _multiarith(s: dict, where: str) -> dict:
+    # All MultiArith solutions are whole numbers stored as floats: "39", not "39.0".
+    return {"question": _field(s, "sQuestion", where).strip(), "answer": str(int(_field(s, "lSolutions", where)[0]))}
+
+
+def _svamp(s: dict, where: str) -> dict:
+    question = _field(s, "Body", where).strip() + " " + _field(s, "Question", where).strip()
+    return {"question": question, "answer": str(_field(s, "Answer", where))}
+
+
+load_single_eq = _equation_loader("single_eq", "SingleEq", _single_eq)
+load_addsub = _equation_loader("addsub", "AddSub", _addsub)
+load_multiarith = _equation_loader("multiarith", "MultiArith", _multiarith)
+load_svamp = _equation_loader("svamp", "SVAMP", _svamp)
 
 
 def _gsm8k_rows(path: Path) -> list[dict]:
@@ -194,22 +189,32 @@ def load_gsm8k(source, data_cfg=None) -> list[dict]:
 # --------------------------------------------------------------------------- multiple choice
 
 
-def _aqua_rows(path: Path) -> list[dict]:
+def _choice_rows(path: Path, parse: Callable[[dict, str], tuple[str, list[str], int]]) -> list[dict]:
+    """A JSONL file of multiple-choice questions, verbalised as the paper does; `parse(row, where)` gives
+    (question, choices, index of the correct one) and names `where` (file:line) in its errors."""
     rows = []
     for lineno, s in _iter_jsonl(path):
-        where = f"{path}:{lineno}"
-        options = _field(s, "options", where)
-        choices = []
-        for opt in options:
-            if len(opt) < 2 or opt[0] not in "ABCDE" or opt[1] != ")":
-                raise InputFileError(f"{where}: option {opt!r} is not of the form 'X)...'")
-            choices.append(opt[2:])
-        correct = _field(s, "correct", where)
-        if correct not in "ABCDE" or len(correct) != 1:
-            raise InputFileError(f"{where}: correct must be one of A-E, got {correct!r}")
-        question, answer = verbalize_choices(_field(s, "question", where).strip(), choices, ord(correct) - ord("A"))
+        question, choices, index = parse(s, f"{path}:{lineno}")
+        question, answer = verbalize_choices(question, choices, index)
         rows.append({"question": question, "answer": answer})
     return rows
+
+
+def _parse_aqua(s: dict, where: str) -> tuple[str, list[str], int]:
+    choices = []
+    for opt in _field(s, "options", where):
+        if len(opt) < 2 or opt[0] not in "ABCDE" or opt[1] != ")":
+            raise InputFileError(f"{where}: option {opt!r} is not of the form 'X)...'")
+        choices.append(opt[2:])
+    return _field(s, "question", where).strip(), choices, _letter_index(s, "correct", len(choices), where)
+
+
+def _letter_index(row: dict, name: str, n_choices: int, where: str) -> int:
+    """The index of the answer letter in field `name` (A = 0), checked against the number of choices."""
+    letter = _field(row, name, where)
+    if not (isinstance(letter, str) and len(letter) == 1 and 0 <= ord(letter) - ord("A") < n_choices):
+        raise InputFileError(f"{where}: {name} {letter!r} is not one of the {n_choices} choices")
+    return ord(letter) - ord("A")
 
 
 def load_aqua(source, data_cfg=None) -> list[dict]:
@@ -219,10 +224,10 @@ def load_aqua(source, data_cfg=None) -> list[dict]:
     test_path = path if path.is_file() else folder / "test.json"
     if not test_path.is_file():
         raise InputMissing(f"AQuA: {test_path} not found")
-    test = _aqua_rows(test_path)
+    test = _choice_rows(test_path, _parse_aqua)
     train_path = folder / "train.json"
     if path.is_dir() and train_path.is_file():
-        train = _aqua_rows(train_path)
+        train = _choice_rows(train_path, _parse_aqua)
         return _numbered(train + test)
     # Only the test file is available: keep the paper's sample indices (test follows the 97,467 train rows).
     return _numbered(test, start=AQUA_TRAIN_SIZE)
@@ -234,26 +239,18 @@ def split_aqua(records: list[dict], data_cfg=None) -> dict[str, list[int]]:
     return {name: [i for i in idx if i in present] for name, idx in split.items()}
 
 
-def _commonsense_rows(path: Path) -> list[dict]:
-    rows = []
-    for lineno, s in _iter_jsonl(path):
-        where = f"{path}:{lineno}"
-        q = _field(s, "question", where)
-        key = _field(s, "answerKey", where)
-        choices = [c["text"] for c in _field(q, "choices", where)]
-        if len(key) != 1 or not 0 <= ord(key) - ord("A") < len(choices):
-            raise InputFileError(f"{where}: answerKey {key!r} is not one of the {len(choices)} choices")
-        question, answer = verbalize_choices(_field(q, "stem", where).strip(), choices, ord(key) - ord("A"))
-        rows.append({"question": question, "answer": answer})
-    return rows
+def _parse_commonsense(s: dict, where: str) -> tuple[str, list[str], int]:
+    q = _field(s, "question", where)
+    choices = [c["text"] for c in _field(q, "choices", where)]
+    return _field(q, "stem", where).strip(), choices, _letter_index(s, "answerKey", len(choices), where)
 
 
 def load_commonsense_qa(source, data_cfg=None) -> list[dict]:
     path = raw_path("commonsense_qa", source)
     folder = path if path.is_dir() else path.parent
     # The official test set has no answers: the paper uses dev as its test split.
-    train = _commonsense_rows(folder / "train_rand_split.jsonl")
-    test = _commonsense_rows(folder / "dev_rand_split.jsonl")
+    train = _choice_rows(folder / "train_rand_split.jsonl", _parse_commonsense)
+    test = _choice_rows(folder / "dev_rand_split.jsonl", _parse_commonsense)
     if (len(train), len(test)) != COMMONSENSE_QA_SIZES:
         raise InputFileError(f"CommonsenseQA: expected {COMMONSENSE_QA_SIZES} train/dev questions, got {(len(train), len(test))}")
     return _numbered(train + test)

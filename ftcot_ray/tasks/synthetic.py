@@ -255,30 +255,14 @@ def letters_teacher_answer(question: str, rationale: str) -> str:
 
 # --------------------------------------------------------------------------- registry
 
-COIN_FLIP_SYNTH = register(
-    Task(
-        name="coin_flip_synth",
-        kind="yesno",
-        synthetic=True,
-        load=load_coin_flip,
-        split=split_first_n,
-        teacher_sim=coin_teacher_sim,
-        teacher_answer=coin_teacher_answer,
-        note="synthetic coin flip; data.difficulty = people; flips/holds sentences of equal token length",
-    )
-)
-LAST_LETTERS_SYNTH = register(
-    Task(
-        name="last_letters_synth",
-        kind="letters",
-        synthetic=True,
-        load=load_last_letters,
-        split=split_first_n,
-        teacher_sim=letters_teacher_sim,
-        teacher_answer=letters_teacher_answer,
-        note="synthetic last-letter concatenation; data.difficulty = words",
-    )
-)
+COIN_FLIP_SYNTH = register(Task(
+    "coin_flip_synth", "yesno", synthetic=True, load=load_coin_flip, split=split_first_n,
+    teacher_sim=coin_teacher_sim, teacher_answer=coin_teacher_answer,
+    note="synthetic coin flip; data.difficulty = people; flips/holds sentences of equal token length"))
+LAST_LETTERS_SYNTH = register(Task(
+    "last_letters_synth", "letters", synthetic=True, load=load_last_letters, split=split_first_n,
+    teacher_sim=letters_teacher_sim, teacher_answer=letters_teacher_answer,
+    note="synthetic last-letter concatenation; data.difficulty = words"))
 SYNTHETIC_TASKS = (COIN_FLIP_SYNTH, LAST_LETTERS_SYNTH)
 
 
