@@ -46,7 +46,8 @@ def one_run(run_dir: str, overrides: list[str]) -> dict:
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1")
     print("$", " ".join(cmd), flush=True)
     t0 = time.time()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Bytes, not text: text mode would turn each progress bar's carriage returns into new lines.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     ps, peak, out = psutil.Process(proc.pid), 0, []
     import threading
 
@@ -56,9 +57,9 @@ def one_run(run_dir: str, overrides: list[str]) -> dict:
         peak = max(peak, tree_rss(ps))
         time.sleep(0.5)
     reader.join(5)
-    text = "".join(out)
+    text = b"".join(out).decode("utf-8", "replace")
     return {"rc": proc.returncode, "wall_s": time.time() - t0, "peak_gib": peak / 2**30,
-            "lines": text.count("\n"), "output": text}
+            "lines": text.count("\n"), "output": text}  # lines as a terminal shows them
 
 
 def rows_of(run_dir: str, seed: int) -> dict[str, dict]:

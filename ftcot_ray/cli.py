@@ -49,6 +49,9 @@ def teach_options(p: argparse.ArgumentParser) -> None:
     stage_options("teach", "data-stage folder (default: the config's)")(p)
     p.add_argument("--retry-errors", action="store_true", help="re-ask the rows of a finished run that ended with an error")
     p.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print requests, tokens and dollars per step (for D_max and each D) and send nothing; "
+                        "with teacher.pilot=N, N questions are answered for real first")
     # nargs="+": the file follows `--from SOURCE` on the command line (`import` itself lands in the
     # overrides positional, which argparse has already closed by then).
     p.add_argument("--from", dest="source", nargs="+", default=None, metavar="SOURCE FILE",
@@ -85,12 +88,27 @@ def call_teach(module, args: argparse.Namespace, cfg: Config) -> int:
         return _teach_import(args)
     from .teacher.fanout import format_figures
 
+    if args.dry_run:
+        plan = module.project(cfg, args.inp)
+        logs.say(module.projection_text(plan))
+        print_summary({"dry_run": True, "projection": plan})
+        return 0
     summary = module.run(cfg, args.out, args.inp, retry_errors=args.retry_errors, progress=not args.no_progress)
     if not summary.get("reused"):
         logs.say(f"teacher: {summary['rows']} rows, {summary['ok']} ok, " + format_figures(
             {**summary, "rows_error": summary["errors"]}, summary["requests_per_s"]))
+        logs.say(module.projection_text({"by_D": [summary["projected"]], "mode": summary["mode"], "model": summary["model"],
+                                         "tokenizer": summary["projected"]["tokenizer"],
+                                         "price_per_1m": _price_per_1m(cfg)}, summary))
     print_summary(summary)
     return 0
+
+
+def _price_per_1m(cfg: Config) -> dict:
+    from .teacher.projection import price_of
+
+    (pin, pout), _ = price_of(cfg.teacher)
+    return {"input": pin * 1e6, "output": pout * 1e6}
 
 
 def _teach_import(args: argparse.Namespace) -> int:
@@ -111,7 +129,16 @@ def call_run(module, args: argparse.Namespace, cfg: Config) -> int:
     from .preflight import preflight
 
     if args.plan:
-        print(json.dumps({"config": cfg.name, "checks": preflight(cfg), "stages": module.plan(cfg)}, indent=2))
+        from .artifacts import is_complete, stage_dir
+        from .stages import teach
+
+        checks = preflight(cfg)
+        teacher = "done: completions already in the run folder, no teacher call needed"
+        if not is_complete(stage_dir(cfg, "teach")) and all(c["ok"] for c in checks):
+            teacher = teach.project(cfg)
+            logs.say(teach.projection_text(teacher))
+        print(json.dumps({"config": cfg.name, "checks": checks, "stages": module.plan(cfg), "teacher": teacher},
+                         indent=2))
         return 0
     preflight(cfg, strict=True)
     summary = module.run(cfg)
@@ -147,6 +174,33 @@ class Command:
     config: str = "required"  # required | optional (report) | none (teacher-sim)
 
 
+def serve_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--detach", action="store_true",
+                   help="return once the students are up and leave them running on the Ray cluster (RAY_ADDRESS)")
+
+
+def call_serve(module, args: argparse.Namespace, cfg: Config) -> int:
+    print_summary(module.run(cfg, detach=args.detach))
+    return 0
+
+
+def tune_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted search of this config (its finished trials are kept, not re-run)")
+
+
+def call_tune(module, args: argparse.Namespace, cfg: Config) -> int:
+    from pathlib import Path
+
+    summary = module.run(cfg, resume=args.resume)
+    table = Path(summary["table"])
+    if table.is_file():
+        print(table.read_text(), flush=True)
+    print_summary({k: v for k, v in summary.items() if k not in ("files", "study")}
+                  | ({"study": summary["study"]["files"]} if summary.get("study") else {}))
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "run": Command("ftcot_ray.stages.pipeline", "the whole pipeline: data, teach, curate, train, eval, report",
                    run_options, call_run),
@@ -160,10 +214,10 @@ COMMANDS: dict[str, Command] = {
                      stage_options("train", "curate stage folder (default: the run's curate output)"), call_stage),
     "eval": Command("ftcot_ray.stages.evaluate", "batched generation on a split, accuracy, baselines",
                     stage_options("eval", "problems.jsonl (or its folder); default: the curate stage's"), call_stage),
-    "tune": Command("ftcot_ray.stages.tune", "Ray Tune over lr, epochs, batch size, D, student",
-                    lambda p: None, call_stage),
-    "serve": Command("ftcot_ray.stages.serve", "Ray Serve: students behind an OpenAI-compatible API",
-                     lambda p: None, call_stage),
+    "tune": Command("ftcot_ray.stages.tune", "Ray Tune over lr, D, steps, student on validation; registry of the best",
+                    tune_options, call_tune),
+    "serve": Command("ftcot_ray.stages.serve", "Ray Serve: students behind an OpenAI-compatible API (chat, completions, SSE)",
+                     serve_options, call_serve),
     "teacher-sim": Command("ftcot_ray.teacher.sim", "local OpenAI-compatible teacher: simulated, replay, fault injection",
                            sim_options, call_sim, config="none"),
     "report": Command("ftcot_ray.stages.report", "report.md + PNG plots for a run folder", report_options, call_report,
@@ -206,7 +260,8 @@ def _config(cmd: Command, args: argparse.Namespace) -> Config | None:
     return load_config(args.config, list(overrides or []))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prepare: Callable[[Config], Config] | None = None) -> int:
+    """`prepare` (jobs/ftcot_job.py) may check or adjust the loaded config before the command runs."""
     import os
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bars
@@ -231,9 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser(name, cmd).parse_args(rest)
     try:
         cfg = _config(cmd, args)
-        logs.setup(cfg.run_dir if cfg else None, name, args.verbose)
-        if console:
-            logs.redirect_native_stderr()
+        cfg = prepare(cfg) if prepare is not None and cfg is not None else cfg
+        from .artifacts import run_root
+
+        logs.setup(run_root(cfg) if cfg else None, name, args.verbose)
+        logs.console_run(console)
         return int(cmd.call(module, args, cfg) or 0)
     except FtcotError as e:
         print(f"ftcot {name}: error: {e}", file=sys.stderr)

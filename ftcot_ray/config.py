@@ -22,7 +22,7 @@ import copy
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -88,33 +88,85 @@ class DataConfig(_Section):
     choices: str = "ABCDE"
     # Synthetic tasks: sizes, difficulty (people flipping / words), seed.
     train_size: int = Field(1000, ge=1)
-    test_size: int = Field(200, ge=1)
+    test_size: int = Field(200, ge=0)
     difficulty: int = Field(4, ge=1)
     seed: int = 0
 
 
 class Price(_Section):
-    """USD per 1M tokens."""
+    """USD per 1M tokens. The Batch API bills at its own rate: by default half the synchronous one (OpenAI's)."""
 
     input: float = Field(0.0, ge=0)
     output: float = Field(0.0, ge=0)
+    batch_input: Optional[float] = Field(None, ge=0)
+    batch_output: Optional[float] = Field(None, ge=0)
+
+    def per_token(self, mode: str = "sync") -> tuple[float, float]:
+        """(input, output) USD per token for `teacher.mode`."""
+        if mode == "batch":
+            i = self.batch_input if self.batch_input is not None else self.input / 2
+            o = self.batch_output if self.batch_output is not None else self.output / 2
+            return i / 1e6, o / 1e6
+        return self.input / 1e6, self.output / 1e6
 
 
 class TeacherSimConfig(_Section):
-    """The local OpenAI-compatible teacher (`ftcot teacher-sim`), started when teacher.base_url is unset."""
+    """The local OpenAI-compatible teacher (`ftcot teacher-sim`), started when teacher.base_url is unset.
 
-    mode: Literal["simulated", "replay"] = "simulated"
-    replay_path: Optional[str] = None  # a completions table or the authors' D_*.json
-    error_rate: float = Field(0.15, ge=0, le=1)  # wrong reasoning steps -> wrong answers
-    latency_ms: float = runtime(0.0, ge=0)
-    seed: int = 0
+    The one declaration of the sim's settings: `ftcot teacher-sim`'s flags are generated from these
+    fields (teacher/sim/server.py), and the fields that change its answers (the non-runtime ones)
+    make its cache identity. Faults and delays are runtime: a retried fault leaves no trace.
+    """
+
+    mode: Literal["simulated", "replay"] = Field("simulated", description="simulated (synthetic tasks) or replay")
+    replay_path: Optional[str] = Field(None, description="replay: the authors' D_*.json or a completions.jsonl")
+    error_rate: float = Field(0.15, ge=0, le=1, description="simulated: share of rationales with a wrong step")
+    seed: int = Field(0, description="seeds the simulated rationales (with the request's seed = sample index)")
+    latency_ms: float = runtime(0.0, ge=0, description="fixed latency of every answer")
+    rate_429: float = runtime(0.0, ge=0, le=1, description="share of requests answered 429 with Retry-After")
+    retry_after_s: float = runtime(1.0, ge=0, description="the Retry-After of a simulated 429")
+    rate_500: float = runtime(0.0, ge=0, le=1, description="share of requests answered 500")
+    rate_timeout: float = runtime(0.0, ge=0, le=1, description="share of requests that hang for hang_s")
+    hang_s: float = runtime(30.0, ge=0, description="how long a 'timeout' fault hangs (longer than the client's timeout)")
+    rate_malformed: float = runtime(0.0, ge=0, le=1, description="share of requests answered with a broken 200 body")
+    require_key_env: Optional[str] = runtime(None, description="check each request's bearer key against $NAME")
+    batch_delay_s: float = runtime(1.0, ge=0, description="Batch API: seconds a batch runs (its lines finish evenly over it)")
+    batch_expire_s: Optional[float] = runtime(
+        None, gt=0, description="Batch API: a batch still running this long after creation expires")
+    batch_line_error_rate: float = runtime(0.0, ge=0, le=1, description="Batch API: share of lines that fail (500)")
 
 
-class TeacherConfig(_Section):
-    base_url: Optional[str] = None  # None: start teacher-sim on a free 127.0.0.1 port
+class EndpointConfig(_Section):
+    """An OpenAI-compatible endpoint: where, which model and API, and how hard to ask.
+
+    `eval.endpoint` (a model evaluated as a baseline) is one; the teacher is one too, with more fields
+    (TeacherConfig below), and both are called by the same component (ftcot_ray/endpoint.py).
+    """
+
+    KEY_PATH: ClassVar[str] = "eval.endpoint"
+
+    base_url: str
+    model: str
     api: Literal["completions", "chat"] = "completions"
-    model: str = "ftcot-sim-teacher"
+    # How we ask (the answers do not depend on these).
     api_key_env: str = runtime("OPENAI_API_KEY")  # the *name* of the variable, never the key
+    concurrency: int = runtime(16, ge=1)  # requests in flight, whole job
+    timeout_s: float = runtime(60.0, gt=0)
+    max_attempts: int = runtime(5, ge=1)
+    backoff_base_s: float = runtime(0.5, ge=0)
+    backoff_max_s: float = runtime(30.0, ge=0)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str) -> str:
+        return _check_env_name(v, f"{cls.KEY_PATH}.api_key_env")
+
+
+class TeacherConfig(EndpointConfig):
+    KEY_PATH: ClassVar[str] = "teacher"
+
+    base_url: Optional[str] = None  # None: start teacher-sim on a free 127.0.0.1 port
+    model: str = "ftcot-sim-teacher"
     samples: int = Field(1, ge=1)  # D_max
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -124,26 +176,31 @@ class TeacherConfig(_Section):
     seed_param: bool = True  # send the sample index as the OpenAI `seed` field (distinct, reproducible samples)
     splits: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["train", "test"])
     sim: TeacherSimConfig = Field(default_factory=TeacherSimConfig)
-    # How fast and how safely we ask (the answers do not depend on these).
-    concurrency: int = runtime(64, ge=1)  # requests in flight per actor
-    num_actors: int = runtime(1, ge=1)
+    # How fast, how and how safely we ask (the answers do not depend on these).
+    concurrency: int = runtime(64, ge=1)  # requests in flight, whole job (split evenly over the actors)
+    # sync: requests as the fan-out goes; batch: the OpenAI Batch API (upload, poll, download; its
+    # price). Batch answers land in the same content-addressed cache as synchronous ones.
+    mode: Literal["sync", "batch"] = runtime("sync")
+    num_actors: Optional[int] = runtime(None, ge=1)  # fan-out actors; default: sized to the CPUs Ray has
     actor_cpus: float = runtime(0.25, ge=0)  # logical CPUs each fan-out actor claims (it mostly waits on I/O)
-    batch_size: Optional[int] = runtime(None, ge=1)  # rows per Ray Data batch; default: teacher.concurrency
+    # Rows per Ray Data batch (granularity of progress and output, not of speed: each actor runs as
+    # many batches at once as it takes to keep teacher.concurrency requests in flight).
+    batch_size: int = runtime(16, ge=1)
     rpm: Optional[int] = runtime(None, ge=1)  # whole-job requests/min
     tpm: Optional[int] = runtime(None, ge=1)  # whole-job tokens/min
-    max_attempts: int = runtime(5, ge=1)
-    timeout_s: float = runtime(60.0, gt=0)
-    backoff_base_s: float = runtime(0.5, ge=0)
-    backoff_max_s: float = runtime(30.0, ge=0)
     # A stopped-by-budget stage re-opens when the budget is raised (stages/teach.py), so no re-key.
     budget_usd: Optional[float] = runtime(None, ge=0)
     prices: dict[str, Price] = runtime(default_factory=dict)  # by model name (accounting only)
     cache_dir: Optional[str] = runtime(None)  # default: <run_dir>/teacher_cache (a shared path on clusters)
-
-    @field_validator("api_key_env")
-    @classmethod
-    def _env_name(cls, v: str) -> str:
-        return _check_env_name(v, "teacher.api_key_env")
+    # The cost projection (`ftcot teach --dry-run`, `ftcot run --plan`): a paid pilot of this many
+    # questions (answered for real and cached), and a local tokenizer for exact prompt-token counts
+    # (a tokenizer.json or a folder holding one; "sim" = teacher-sim's word count; None: sim for the
+    # sim, else an estimate that says it is one).
+    pilot: Optional[int] = runtime(None, ge=1)
+    tokenizer: Optional[str] = runtime(None)
+    batch_poll_s: float = runtime(30.0, gt=0)  # mode=batch: seconds between status polls
+    batch_window: str = runtime("24h")  # mode=batch: the Batch API's completion_window
+    batch_max_lines: int = runtime(50_000, ge=1)  # mode=batch: lines per batch (the API's limit)
 
 
 class CurateConfig(_Section):
@@ -181,7 +238,11 @@ class StudentConfig(_Section):
 
 
 class TrainConfig(_Section):
-    method: Literal["ft_cot", "vanilla"] = "ft_cot"
+    # ft_cot: `{q} ###` -> ` {rationale} --> {answer}` (the paper); vanilla: -> ` {answer}`;
+    # step_by_step (Hsieh et al. 2023, beyond the paper): the label and rationale tasks, weighted by
+    # rationale_weight; at inference only the label task runs.
+    method: Literal["ft_cot", "vanilla", "step_by_step"] = "ft_cot"
+    rationale_weight: float = Field(1.0, ge=0)  # lambda of distilling step-by-step
     lr: float = Field(1e-3, gt=0)
     epochs: int = Field(20, ge=1)
     max_steps: Optional[int] = Field(None, ge=1)  # overrides epochs when set
@@ -229,23 +290,6 @@ class TrainConfig(_Section):
         return self.micro_batch_size or max(1, self.batch_size // self.num_workers)
 
 
-class EndpointConfig(_Section):
-    """An OpenAI-compatible model to evaluate as a baseline (zero-shot / zero-shot-CoT / few-shot-CoT)."""
-
-    base_url: str
-    model: str
-    api: Literal["completions", "chat"] = "completions"
-    api_key_env: str = runtime("OPENAI_API_KEY")  # the *name* of the variable, never the key
-    concurrency: int = runtime(16, ge=1)
-    timeout_s: float = runtime(60.0, gt=0)
-    max_attempts: int = runtime(5, ge=1)
-
-    @field_validator("api_key_env")
-    @classmethod
-    def _env_name(cls, v: str) -> str:
-        return _check_env_name(v, "eval.endpoint.api_key_env")
-
-
 class EvalConfig(_Section):
     student: Optional[str] = None  # exported folder; default: the pipeline's trained one
     split: Literal["train", "val", "test"] = "test"
@@ -258,7 +302,9 @@ class EvalConfig(_Section):
     baseline: Optional[Literal["zero_shot", "zero_shot_cot", "few_shot_cot"]] = None
     baseline_model: Optional[str] = None
     endpoint: Optional[EndpointConfig] = None
-    # A Fine-tune-CoT output without `-->` counts as wrong (DESIGN); false: the paper's last-candidate fallback.
+    # Step-by-step students answer with the label task; true: also write each rationale (rationale task).
+    rationales: bool = False
+    # A Fine-tune-CoT output without `-->` counts as wrong (we differ from the paper here); false: the paper's last-candidate fallback.
     require_marker: bool = True
     # Batched greedy output equals one-at-a-time output, and sampled outputs are seeded per question
     # (student/generate.py), so none of these change a prediction.
@@ -269,16 +315,207 @@ class EvalConfig(_Section):
 
 
 class TuneConfig(_Section):
-    num_samples: int = Field(4, ge=1)
-    max_concurrent_trials: int = Field(1, ge=1)
-    metric: str = "val_accuracy"
+    """`ftcot tune`: a search over the config's own dotted keys, judged on VALIDATION accuracy.
+
+    An orchestration section: no field here changes a stage's key (a trial re-keys only the stages
+    its overridden keys change). The search folder `<run_dir>/tune/<key>/` is keyed by the
+    non-runtime fields below and the base config's stage keys, so `ftcot tune --resume` finds it.
+    """
+
+    # {dotted key: distribution} in the grammar of ftcot_ray/tune/space.py: choice([..]), grid([..]),
+    # uniform(lo, hi), loguniform(lo, hi), randint(lo, hi) (both ends included). Only keys that change
+    # curate or train may be searched: a trial never asks the teacher and never sees the test split.
     space: dict[str, Any] = Field(default_factory=dict)
+    search: Literal["random", "grid", "optuna"] = "random"  # grid: every discrete value crossed
+    scheduler: Literal["fifo", "asha"] = "fifo"  # asha: stop poor trials early on val accuracy vs step
+    # random/optuna: trials drawn (default 4); grid: passes over the whole grid (default 1).
+    num_samples: Optional[int] = Field(None, ge=1)
+    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"  # maximised / minimised
+    seed: int = 0  # the searcher's (random draws, Optuna's TPE)
+    grace_steps: Optional[int] = Field(None, ge=1)  # asha: steps before a trial may be stopped; default its first validation
+    reduction_factor: int = Field(2, ge=2)  # asha: keep the top 1/reduction_factor at each rung
+    # The diversity study: also evaluate EVERY finished trial on the test split and report mean +- std
+    # test accuracy per value of this config key (e.g. curate.diversity). Unset: only the registry's
+    # chosen student is ever evaluated on test.
+    study_by: Optional[str] = None
+    # How the search runs (not what it finds): trials at once (default: as many as the cluster's CPUs
+    # hold at train.num_workers x train.cpus_per_worker each), retries of a failed trial, and the
+    # memory the trial function itself reserves (it only waits on its TorchTrainer: 0 CPUs).
+    max_concurrent_trials: Optional[int] = runtime(None, ge=1)
+    max_failures: int = runtime(1, ge=0)
+    trial_memory_mb: int = runtime(256, ge=1)
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _flatten(cls, v: Any) -> Any:
+        """`ftcot tune tune.space.train.lr='loguniform(1e-4, 3e-3)'` nests by the dots: flatten it back."""
+        if not isinstance(v, dict):
+            return v
+        out: dict[str, Any] = {}
+        for key, value in v.items():
+            if isinstance(value, dict):
+                out |= {f"{key}.{k}": x for k, x in cls._flatten(value).items()}
+            else:
+                out[str(key)] = value
+        return out
+
+    @field_validator("space")
+    @classmethod
+    def _grammar(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from .tune.space import parse_space
+
+        parse_space(v)  # a SpaceError (a ValueError) names the key
+        for key in v:
+            problem = cls.untunable(key)
+            if problem:
+                raise ValueError(f"{key}: {problem}")
+        return v
+
+    def samples(self) -> int:
+        return self.num_samples or (1 if self.search == "grid" else 4)
+
+    TUNABLE_STAGES: ClassVar[frozenset] = frozenset({"curate", "train"})
+
+    @staticmethod
+    def key_field(key: str) -> tuple[Any, str] | str:
+        """(owning section class, field name) of a dotted config key, or why there is none."""
+        parts = key.split(".")
+        model: Any = Config
+        for i, part in enumerate(parts):
+            fields = getattr(model, "model_fields", None)
+            if fields is None or part not in fields:
+                where = ".".join(parts[:i]) or "the config"
+                known = "; known: " + ", ".join(fields) if fields else ""
+                return f"unknown config key (no {part!r} in {where}{known})"
+            ann = fields[part].annotation
+            inner = [a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)]
+            if i == len(parts) - 1:
+                return "names a section; search one of its keys" if inner else (model, part)
+            if not inner:
+                return f"{'.'.join(parts[:i + 1])} is a value, not a section"
+            model = inner[0]
+        return "empty key"
+
+    @classmethod
+    def stages_of(cls, key: str) -> set[str]:
+        """The stages whose result the dotted `key` changes (empty for an unknown key)."""
+        found = cls.key_field(key)
+        if isinstance(found, str):
+            return set()
+        return set(field_stages(found[0], found[1], SECTION_STAGE.get(key.split(".")[0])))
+
+    @classmethod
+    def untunable(cls, key: str) -> Optional[str]:
+        """Why `key` cannot be searched (None: it can): unknown, a section, or a field that changes no
+        trial's result or a stage a trial must not redo (data and teach: no teacher request; eval: test)."""
+        found = cls.key_field(key)
+        if isinstance(found, str):
+            return found
+        stages = cls.stages_of(key)
+        if not stages:
+            return ("changes no trial's result (a runtime or orchestration setting): set it in the config, "
+                    "not in tune.space")
+        if stages - cls.TUNABLE_STAGES:
+            return (f"changes the {'/'.join(sorted(stages - cls.TUNABLE_STAGES))} stage; trials only re-run curate and "
+                    "train (the teacher is asked once, before the search, and test is for the chosen student)")
+        return None
+
+
+class ServedStudentFormat(_Section):
+    """`serve.students.<id>` as a mapping: a folder, and how its student was trained when the folder
+    has no student card (a plain Hugging Face model). With a card, any field given must agree with it."""
+
+    path: str = runtime()
+    family: Optional[Literal["decoder", "encoder-decoder"]] = runtime(None)  # prompt `{q} ###` | `{q}`
+    method: Optional[Literal["ft_cot", "vanilla"]] = runtime(None)  # answer after `-->` | first candidate
+    dataset: Optional[str] = runtime(None)  # whose answer rules read the answer (e.g. multiarith)
+    answer_format: Optional[Literal["number_float", "number_exact", "choice", "yesno", "letters"]] = runtime(None)
+    choices: Optional[str] = runtime(None)  # letters of a `choice` task (default ABCDE)
+    max_length: Optional[int] = runtime(None, ge=1)  # longest input it was trained on; default: its positions
+
+
+SERVE_MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
 
 class ServeConfig(_Section):
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    students: list[str] = Field(default_factory=list)
+    """`ftcot serve`: Ray Serve hosting students behind an OpenAI-compatible API. Nothing here changes
+    a stage's result (every field is runtime)."""
+
+    host: str = runtime("127.0.0.1")  # 0.0.0.0 to listen beyond this machine
+    port: int = runtime(8000, ge=1, le=65535)
+    # {model id: folder}; a folder may be `registry:<dataset>` (<run_dir>/best/<dataset>, written by
+    # tune) or a mapping with the format of a card-less folder. Empty: the run's trained students.
+    students: dict[str, str | ServedStudentFormat] = runtime(default_factory=dict)
+    app_name: str = runtime("ftcot")
+    route_prefix: str = runtime("/")
+    api_key_env: Optional[str] = runtime(None)  # the NAME of the variable holding the bearer key; None: no auth
+    # Requests: the default and the ceilings a request may ask for.
+    max_tokens: int = runtime(256, ge=1)  # when a request does not say (capped by the student's context)
+    max_n: int = runtime(16, ge=1)  # choices per request (self-consistency)
+    max_body_bytes: int = runtime(1_000_000, ge=1024)
+    # Dynamic batching (@serve.batch): rows (choices) per forward pass, and how long a batch waits to fill.
+    max_batch_size: int = runtime(32, ge=1)
+    batch_wait_timeout_s: float = runtime(0.01, ge=0)
+    # Student replicas: resources, concurrency, queue (beyond it: 503 + Retry-After), autoscaling.
+    cpus_per_replica: float = runtime(1.0, ge=0)
+    gpus_per_replica: float = runtime(0.0, ge=0)
+    torch_threads: Optional[int] = runtime(None, ge=1)  # per replica; default: cpus_per_replica (at least 1)
+    max_ongoing_requests: int = runtime(64, ge=1, validate_default=True)
+    max_queued_requests: int = runtime(256, ge=-1)  # -1: unbounded (then overload waits instead of 503)
+    retry_after_s: int = runtime(1, ge=1)
+    min_replicas: int = runtime(1, ge=0)
+    max_replicas: int = runtime(1, ge=1, validate_default=True)  # > min_replicas turns autoscaling on
+    target_ongoing_requests: float = runtime(16.0, gt=0)
+    upscale_delay_s: float = runtime(10.0, ge=0)
+    downscale_delay_s: float = runtime(60.0, ge=0)
+    look_back_period_s: float = runtime(30.0, gt=0)
+    # How often replicas and handles report load to the autoscaler; None: Serve's default (10 s).
+    metrics_interval_s: Optional[float] = runtime(None, gt=0)
+    # The HTTP ingress (parsing, auth, tokenizing, SSE): light, so few CPUs and many requests at once.
+    ingress_cpus: float = runtime(0.25, ge=0)
+    ingress_replicas: int = runtime(1, ge=1)
+    ingress_max_ongoing_requests: int = runtime(2048, ge=1)
+
+    @field_validator("students")
+    @classmethod
+    def _model_ids(cls, v: dict) -> dict:
+        for key, value in v.items():
+            if not SERVE_MODEL_ID_RE.match(str(key)):
+                raise ValueError(f"model id {key!r}: use letters, digits and . _ : / - (at most 128, starting "
+                                 "with a letter or digit)")
+            if isinstance(value, str) and not value.strip():
+                raise ValueError(f"serve.students.{key}: empty folder")
+            if isinstance(value, str) and value.startswith("registry:") and not value[len("registry:"):].strip():
+                raise ValueError(f"serve.students.{key}: `registry:` needs a dataset name (registry:multiarith)")
+        return v
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _serve_key_env(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else _check_env_name(v, "serve.api_key_env")
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("must start with / (e.g. / or /students)")
+        return v
+
+    @field_validator("max_replicas")
+    @classmethod
+    def _replicas(cls, v: int, info) -> int:
+        low = info.data.get("min_replicas")
+        if low is not None and v < low:
+            raise ValueError(f"must be >= serve.min_replicas={low}")
+        return v
+
+    @field_validator("max_ongoing_requests")
+    @classmethod
+    def _room_for_a_batch(cls, v: int, info) -> int:
+        batch = info.data.get("max_batch_size")
+        if batch is not None and v < batch:
+            raise ValueError(f"must be >= serve.max_batch_size={batch}, or a replica never fills a batch")
+        return v
 
 
 class ReportConfig(_Section):
@@ -289,8 +526,9 @@ class ReportConfig(_Section):
 class PipelineConfig(_Section):
     """What `ftcot run` trains and compares."""
 
-    diversity: list[int] = Field(default_factory=lambda: [1])  # D values for Fine-tune-CoT
-    vanilla: bool = True
+    diversity: list[int] = Field(default_factory=lambda: [1])  # D values (Fine-tune-CoT, step-by-step)
+    # The methods compared on the same curated data: ft_cot and step_by_step at each D, vanilla once.
+    methods: list[Literal["ft_cot", "step_by_step", "vanilla"]] = Field(default_factory=lambda: ["ft_cot", "vanilla"])
     teacher_row: bool = True
 
     @field_validator("diversity")
@@ -364,8 +602,8 @@ def cross_field_problems(c: Config) -> list[str]:
                    "raise teacher.samples or drop those D values")
     if c.curate.diversity > c.teacher.samples:
         out.append(f"curate.diversity={c.curate.diversity} exceeds teacher.samples={c.teacher.samples} (D_max)")
-    if not c.pipeline.diversity and not c.pipeline.vanilla:
-        out.append("pipeline.diversity is empty and pipeline.vanilla is false: nothing to train")
+    if not c.pipeline.methods or (not c.pipeline.diversity and set(c.pipeline.methods) != {"vanilla"}):
+        out.append("pipeline.methods / pipeline.diversity leave nothing to train (methods need a D, except vanilla)")
     tc = c.teacher
     if tc.budget_usd is not None and tc.model not in tc.prices:
         out.append(f"teacher.budget_usd is set but teacher.prices has no entry for model {tc.model!r}: "

@@ -77,14 +77,21 @@ def progress_board():
     return ProgressBoard.remote()
 
 
-class BoardBar:
-    """A tqdm bar in the driver, fed from a progress board every half second."""
+class PolledBar:
+    """A tqdm bar in the driver, fed by `poll() -> (done, total, figures)` every half second.
 
-    def __init__(self, board, key: str, desc: str, total: int, fmt=None):
+    On a terminal it redraws as the figures change; into a file or a pipe (`ray job submit` logs, CI,
+    `ftcot run > out.txt`) at most every 30 s, since every redraw there is a new line of the log.
+    """
+
+    def __init__(self, poll, desc: str, total: int, initial: int = 0, unit: str = "it"):
+        import sys
+
         from tqdm.auto import tqdm
 
-        self.board, self.key, self.fmt = board, key, fmt or _figures
-        self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True, mininterval=0.5)
+        self.poll, self.last = poll, None
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True,
+                        mininterval=0.5 if sys.stderr.isatty() else 30)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -94,22 +101,37 @@ class BoardBar:
             self.refresh()
 
     def refresh(self) -> None:
-        import ray
-
         try:
-            v = ray.get(self.board.get.remote(self.key), timeout=5)
-        except Exception:
+            v = self.poll()
+        except Exception:  # a board or gate gone at shutdown: keep the last figures
             return
-        if v:
-            self.bar.total = v.get("total", self.bar.total)
-            self.bar.n = v.get("done", self.bar.n)
-            self.bar.set_postfix_str(self.fmt(v), refresh=True)
+        if not v or v == self.last:
+            return
+        self.last = v
+        done, total, figures = v
+        if total:
+            self.bar.total = total
+        self.bar.set_postfix_str(figures, refresh=False)
+        self.bar.update(done - self.bar.n)  # redraws no more often than mininterval
 
     def close(self) -> None:
         self.stop.set()
         self.thread.join(2)
         self.refresh()
         self.bar.close()
+
+
+def board_bar(board, key: str, desc: str, total: int, fmt=None) -> PolledBar:
+    """A bar for what workers report to a progress board under `key`."""
+    import ray
+
+    fmt = fmt or _figures
+
+    def poll():
+        v = ray.get(board.get.remote(key), timeout=5)
+        return (v["done"], v.get("total", total), fmt(v)) if v else None
+
+    return PolledBar(poll, desc, total)
 
 
 def _figures(v: dict) -> str:

@@ -20,11 +20,21 @@ import psutil
 POLL_S = 0.25
 
 
-def start(driver_pid: int | None = None) -> subprocess.Popen:
-    """Start the watchdog for this process (or `driver_pid`)."""
-    return subprocess.Popen([sys.executable, "-m", "ftcot_ray.reaper", str(driver_pid or os.getpid())],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, close_fds=True)
+_LAUNCH = ("import subprocess, sys; print(subprocess.Popen([sys.executable, '-m', 'ftcot_ray.reaper', sys.argv[1]], "
+           "stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, "
+           "close_fds=True).pid)")
+
+
+def start(driver_pid: int | None = None) -> int:
+    """Start the watchdog for this process (or `driver_pid`); returns its pid.
+
+    Through a short-lived middle process, so the watchdog is not the driver's child: when a driver
+    dies, Ray's raylet kills that process's children, and it took a child watchdog with them
+    before it could reap the agents (seen here: DashboardAgent and RuntimeEnvAgent left behind).
+    """
+    launched = subprocess.run([sys.executable, "-c", _LAUNCH, str(driver_pid or os.getpid())],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, check=True)
+    return int(launched.stdout)
 
 
 def _note(driver: psutil.Process, known: dict[int, float]) -> None:

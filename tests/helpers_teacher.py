@@ -1,5 +1,6 @@
 """Shared pieces of the teacher tests: a tiny synthetic task for the simulated teacher, a data-stage
-folder written by hand (so these tests do not depend on the data stage), and /stats reads."""
+folder written by hand (so these tests do not depend on the data stage), /stats reads, and a
+teach command line run in its own process (for kills)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import httpx
 from ftcot_ray import tasks
 from ftcot_ray.artifacts import finish, stage_dir
 from ftcot_ray.config import Config, load_config
-from ftcot_ray.io import write_jsonl
+from ftcot_ray.schemas import write_table
 from ftcot_ray.tasks.base import Task
 
 ADD_RE = re.compile(r"^What is (\d+) plus (\d+)\?$")
@@ -40,11 +41,7 @@ ADD_TASK = Task(name="add_synth_test", kind="number_exact", synthetic=True, teac
 
 
 def register_add_task() -> Task:
-    """Register the test task without stopping the real task modules from loading first."""
-    try:
-        tasks.task_names()
-    except ImportError:
-        pass
+    """Register the test task (after the real task modules, which `ftcot_ray.tasks` loads on import)."""
     return tasks.register(ADD_TASK)
 
 
@@ -58,7 +55,7 @@ def add_problems(n: int, test_every: int = 4) -> list[dict]:
 def make_cfg(tmp_path: Path, base_url: str | None = None, **overrides) -> Config:
     ov = {"run_dir": str(tmp_path / "run"), "data.dataset": "add_synth_test", "teacher.samples": 2,
           "teacher.temperature": 0.7, "teacher.concurrency": 16, "teacher.backoff_base_s": 0.01,
-          "teacher.backoff_max_s": 0.05, "teacher.timeout_s": 5, "resources.num_cpus": 4}
+          "teacher.backoff_max_s": 0.05, "teacher.timeout_s": 5, "resources.num_cpus": 4, "pipeline.diversity": [1]}
     if base_url:
         ov["teacher.base_url"] = base_url
     ov.update(overrides)
@@ -68,8 +65,8 @@ def make_cfg(tmp_path: Path, base_url: str | None = None, **overrides) -> Config
 def write_data_stage(cfg: Config, problems: list[dict]) -> Path:
     out = stage_dir(cfg, "data")
     out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out / "problems.jsonl", problems)
-    finish(out, cfg, "data", outputs={"problems": list(problems[0])}, summary={"n": len(problems)}, key=out.name)
+    tables = {"problems": write_table(out, "problems", problems)}
+    finish(out, cfg, "data", summary={"n": len(problems)}, key=out.name, tables=tables)
     return out
 
 

@@ -335,7 +335,7 @@ def test_endpoint_down_gives_error_rows_not_lost_questions(tmp_path, port):
     evaluate.run(cfg, tmp_path / "down", src)
     preds = read_jsonl(tmp_path / "down" / "predictions.jsonl")
     assert len(preds) == N_PROBLEMS and all(p["error"] and not p["correct"] for p in preds)
-    assert "Connection" in preds[0]["error"]
+    assert "connection error" in preds[0]["error"] and f"127.0.0.1:{port}" in preds[0]["error"]
 
 
 def test_prompted_student_zero_shot_cot_runs_two_steps(tiny_student):

@@ -39,6 +39,7 @@ CO_SET = {
     "eval.baseline_model": {"eval.baseline": "zero_shot"},
     "eval.endpoint": {"eval.baseline": "zero_shot"},
     "train.precision": {"train.use_gpu": True},  # fp16 needs a GPU (use_gpu is runtime)
+    "serve.min_replicas": {"serve.max_replicas": 16},  # runtime; keeps min <= max
     "teacher.model": {"teacher.prices": {"other-model": {"input": 1.0, "output": 1.0}}},  # runtime
 }
 

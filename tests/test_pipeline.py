@@ -60,7 +60,9 @@ def test_the_command_prints_what_a_person_needs_and_logs_the_rest(first_run):
         assert chatter not in out, chatter
     assert "| Fine-tune-CoT |" in out and "[ft_cot D=2] train:" in out and "selected_step" in out
     logs = list((Path(cfg.run_dir) / "logs").glob("run-*.log"))
-    assert len(logs) == 1 and "deepspeed" in logs[0].read_text().lower()  # the chatter is kept, in the run folder
+    log = logs[0].read_text() if len(logs) == 1 else ""
+    # the chatter is kept, in the run folder: Ray's own lines and what the training workers printed
+    assert "Started a local Ray" in log and "(RayTrainWorker pid=" in log and "TrainController" in log, logs
     assert not list(Path(cfg.run_dir).glob("train/*/ray_train"))  # checkpoints are scratch: gone after export
 
 

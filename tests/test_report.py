@@ -74,7 +74,9 @@ def test_report_files_and_plot_series(run_dir):
     assert Path(rep["report_md"]).read_text().count("|") > 20
     results = json.loads((run_dir / "results.json").read_text())
     plots = results["plots"]
-    assert set(plots) == {report.PLOT_METHOD, report.PLOT_DIVERSITY, report.PLOT_SIZE}
+    assert set(plots) == {report.PLOT_METHOD, report.PLOT_DIVERSITY, report.PLOT_SIZE, report.PLOT_COST}
+    # accuracy vs inference cost: one point per student row (mean generated tokens, accuracy)
+    assert plots[report.PLOT_COST]["Vanilla FT"] == [[20.0, 0.5]]
     # accuracy vs D: one line for the tiny student over D = 1, 2, 4 (the base student has only D = 1);
     # the vote@5 and the validation rows are not on it.
     assert plots[report.PLOT_DIVERSITY]["gpt2-tiny"] == [[1, 0.8], [2, 0.85], [4, 0.9]]
@@ -102,12 +104,15 @@ def test_figure_holds_the_series(run_dir):
     assert heights == pytest.approx([v[0][1] * 100 for v in series[report.PLOT_METHOD].values()])
 
 
-def test_single_student_single_d_has_only_the_method_plot(tmp_path):
+def test_single_student_single_d_has_no_diversity_or_size_plot(tmp_path):
     run = tmp_path / "run"
     _eval(run, "a", method="ft_cot", diversity=1, student="gpt2-tiny", params=SMALL, accuracy=0.8)
-    _eval(run, "b", method="vanilla", student="gpt2-tiny", params=SMALL, accuracy=0.5)
     rep = report.run_report(run)
     assert [Path(p).name for p in rep["plots"]] == [report.PLOT_METHOD]
+    # a second method adds the accuracy-vs-inference-tokens plot, still no D or size plot
+    _eval(run, "b", method="vanilla", student="gpt2-tiny", params=SMALL, accuracy=0.5, mean_output_tokens=2.0)
+    rep = report.run_report(run)
+    assert [Path(p).name for p in rep["plots"]] == [report.PLOT_METHOD, report.PLOT_COST]
 
 
 def test_mlflow_file_store(run_dir, tmp_path):

@@ -8,15 +8,17 @@ import time
 import pytest
 
 from ftcot_ray.artifacts import is_complete, read_manifest
-from ftcot_ray.config import TeacherConfig
+from ftcot_ray.config import TeacherConfig, TeacherSimConfig
 from ftcot_ray.io import read_jsonl
 from ftcot_ray.prompts import answer_prompt, reasoning_prompt
 from ftcot_ray.teacher.cache import AnswerCache, request_key
 from ftcot_ray.teacher.client import Secret, StepResult, api_key_from_env, redact, TeacherSetupError
-from ftcot_ray.teacher.fanout import COMPLETION_COLUMNS, expand_rows, finish_row, request_ceilings
+from ftcot_ray.schemas import COMPLETION_COLUMNS
+from ftcot_ray.teacher.fanout import actor_plan, expand_rows, finish_row, request_ceilings
 from ftcot_ray.teacher.importer import import_reasoning_teacher
 from ftcot_ray.teacher.limiter import JobGate
-from ftcot_ray.teacher.sim import ReplayIndex, SimSettings, parse_chat, parse_step, truncate_tokens
+from ftcot_ray.teacher.sim import sim_endpoint_id
+from ftcot_ray.teacher.sim.sources import ReplayIndex, parse_chat, parse_step, truncate_tokens
 
 AUTHORS = "reasoning-teacher/teacher_completions_mmmaxyoung_test2/saved/completion_data/B_text-davinci-002__C_zs_cot"
 
@@ -37,8 +39,13 @@ def test_cache_roundtrip_is_atomic_and_sharded(tmp_path):
     assert cache.get(key) is None
     cache.put(key, {"text": " hi", "finish_reason": "stop"})
     assert cache.get(key)["text"] == " hi"
-    assert cache.path(key).relative_to(tmp_path / "c").parts[:2] == (key[:2], key[2:4])
+    assert cache.path(key).relative_to(tmp_path / "c").parts == (key[:2], f"{key}.json")
     assert not list((tmp_path / "c").rglob("*.tmp")) and cache.count() == 1
+    old = request_key("e", "completions", "m", "p", {}, 4)  # an answer in the two-level layout of older caches
+    legacy = tmp_path / "c" / old[:2] / old[2:4] / f"{old}.json"
+    legacy.parent.mkdir(parents=True)
+    legacy.write_text('{"text": " old"}')
+    assert cache.get(old)["text"] == " old" and cache.count() == 2
 
 
 def test_gate_rpm_grants_a_burst_then_makes_callers_wait():
@@ -92,7 +99,7 @@ def test_rows_expand_and_finish_with_the_papers_prompts():
     t = TeacherConfig(model="m", temperature=0.7)
     row = finish_row(rows[1], t, StepResult(text=" It is 7.", finish_reason="stop", prompt_tokens=5, completion_tokens=4,
                                             attempts=1), StepResult(text=" 7.", prompt_tokens=9, completion_tokens=2, attempts=2))
-    assert list(row) == COMPLETION_COLUMNS
+    assert tuple(row) == COMPLETION_COLUMNS
     assert row["reasoning_prompt"] == "Q: Q?\nA: Let's think step by step."
     assert row["answer_prompt"] == "Q: Q?\nA: Let's think step by step. It is 7.\nTherefore, the answer is"
     assert (row["prompt_tokens"], row["completion_tokens"], row["attempts"], row["error"]) == (14, 6, 3, None)
@@ -116,10 +123,11 @@ def test_keys_never_show(monkeypatch):
     assert api_key_from_env("FTCOT_TEST_NO_SUCH_KEY", "http://127.0.0.1:8000/v1").get() == "EMPTY"
 
 
-def test_sim_endpoint_id_ignores_port_and_faults_not_answers():
-    a = SimSettings(error_rate=0.1)
-    assert a.endpoint_id() == SimSettings(error_rate=0.1, latency_ms=50, rate_500=0.2).endpoint_id()
-    assert a.endpoint_id() != SimSettings(error_rate=0.2).endpoint_id()
+def test_sim_endpoint_id_ignores_faults_and_delays_not_answers():
+    a = sim_endpoint_id(TeacherSimConfig(error_rate=0.1))
+    assert a == sim_endpoint_id(TeacherSimConfig(error_rate=0.1, latency_ms=50, rate_500=0.2, batch_delay_s=9))
+    assert a != sim_endpoint_id(TeacherSimConfig(error_rate=0.2)) != sim_endpoint_id(TeacherSimConfig(seed=4))
+    assert a != sim_endpoint_id(TeacherSimConfig(error_rate=0.1), model="other-name")
 
 
 @pytest.mark.shared
@@ -142,7 +150,7 @@ def test_import_authors_multiarith_is_a_complete_teach_stage(shared_datasets, tm
     assert sorted(r["sample_idx"] for r in rows if r["sample_index"] == int(extra)) == list(range(len(raw[extra])))
     split = json.loads(split_file.read_text())
     assert {r["sample_index"] for r in rows if r["split"] == "train"} == set(split["train"])
-    assert list(rows[0]) == COMPLETION_COLUMNS and rows[0]["cost_usd"] is None  # unknown, not zero
+    assert tuple(rows[0]) == COMPLETION_COLUMNS and rows[0]["cost_usd"] is None  # unknown, not zero
 
 
 @pytest.mark.shared

@@ -24,6 +24,7 @@ import yaml
 from ftcot_ray.artifacts import stage_dir
 from ftcot_ray.config import with_overrides
 from ftcot_ray.stages import train
+from ftcot_ray.stages.train import latest_step
 
 from helpers_train import coin_pairs, coin_problems, load_and_generate, make_curate_folder, tiny_config
 
@@ -269,9 +270,11 @@ def _start_train(cfg, tmp_path: Path) -> subprocess.Popen:
 
 
 def _wait_for_checkpoint(cfg, proc: subprocess.Popen, timeout: float = 240) -> int:
+    """The first step Ray Train has registered a checkpoint for (what a re-run restores)."""
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        steps = [json.loads(f.read_text())["step"] for f in stage_dir(cfg, "train").glob("ray_train/*/checkpoint_*/ftcot_state.json")]
+        folders = list(stage_dir(cfg, "train").glob("ray_train/*/"))
+        steps = [s for s in (latest_step(f) for f in folders) if s]
         if steps:
             return max(steps)
         time.sleep(0.2)

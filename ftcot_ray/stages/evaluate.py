@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from .. import evaluation as ev
-from ..artifacts import open_stage, require, stage_dir
+from ..artifacts import is_done, open_stage, remote_of, require, stage_dir
 from ..config import Config
 from ..errors import DataError, InputMissing
 from ..schemas import read_table, table_path
@@ -49,6 +49,7 @@ def problems_path(cfg: Config, inp: str | Path | None) -> Path:
         if not p.is_file():
             raise InputMissing(f"problems table {p} not found (--in takes a problems.jsonl or its folder)")
         return p
+    is_done(cfg, stage_dir(cfg, "curate"))  # fetched first when the run folder is remote
     return table_path(require(stage_dir(cfg, "curate"), "curate"), "problems")
 
 
@@ -70,6 +71,7 @@ def student_path(cfg: Config) -> Path:
         if not (path / "config.json").is_file():
             raise InputMissing(f"eval.student={path}: no config.json there (a save_pretrained folder is expected)")
         return path
+    is_done(cfg, stage_dir(cfg, "train"))
     return require(stage_dir(cfg, "train"), "train") / "student"
 
 
@@ -80,11 +82,17 @@ class StudentPredictor:
     """One student replica (an actor of the pool): loads the model once, generates batch after batch."""
 
     def __init__(self, path: str, method: str, max_new_tokens: int, batch_size: int, samples: int,
-                 temperature: float, seed: int, torch_threads: int, exemplars: Optional[str]):
+                 temperature: float, seed: int, torch_threads: int, exemplars: Optional[str],
+                 rationales: bool = False):
+        from .. import storage
         from ..student.generate import load_student
 
+        if storage.is_uri(path):  # a remote run folder: each replica fetches the student to its own node
+            import tempfile
+
+            path = str(storage.download(path, Path(tempfile.mkdtemp(prefix="ftcot-student-"))))
         self.student = load_student(path, torch_threads=torch_threads)
-        self.method, self.exemplars = method, exemplars
+        self.method, self.exemplars, self.rationales = method, exemplars, rationales
         self.gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, num_samples=samples,
                         temperature=temperature)
         self.seed = seed
@@ -96,12 +104,16 @@ class StudentPredictor:
         outputs, tokens = generate_for_method(self.student, self.method, questions, self.exemplars,
                                               seeds=[self.seed + i for i in indices], **self.gen)
         seconds = time.perf_counter() - t0
-        return {
+        out = {
             "sample_index": indices,
             "outputs": outputs,
             "output_tokens": tokens,
             "gen_seconds": [seconds / len(indices)] * len(indices),
         }
+        if self.rationales and self.method == "step_by_step":  # on request, outside the timed answer
+            out["rationale"] = step_by_step_rationales(self.student, questions, self.gen["max_new_tokens"],
+                                                       self.gen["batch_size"])
+        return out
 
 
 def generate_for_method(student, method: str, questions: list[str], exemplars: Optional[str], *,
@@ -125,6 +137,15 @@ def generate_for_method(student, method: str, questions: list[str], exemplars: O
     return outputs, tokens
 
 
+def step_by_step_rationales(student, questions: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    """A step-by-step student's rationale for each question, from its rationale task (greedy)."""
+    from ..prompts import task_prompt
+    from ..student.generate import generate
+
+    prompts = [task_prompt("rationale", q.strip(), student.family) for q in questions]
+    return [g[0].text for g in generate(student, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)]
+
+
 def ray_generate(cfg: Config, path: Path, method: str, problems: list[dict], exemplars: Optional[str]) -> tuple[list[dict], float]:
     """Generation over the Ray Data actor pool; rows {sample_index, outputs, output_tokens} and summed gen seconds."""
     import ray
@@ -141,9 +162,10 @@ def ray_generate(cfg: Config, path: Path, method: str, problems: list[dict], exe
     ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
         StudentPredictor,
         fn_constructor_kwargs=dict(
-            path=str(path.resolve()), method=method, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+            path=remote_of(cfg, path) or str(path.resolve()), method=method, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
             samples=e.samples, temperature=e.temperature, seed=e.seed,
             torch_threads=e.torch_threads or max(1, int(e.cpus_per_replica)), exemplars=exemplars,
+            rationales=e.rationales,
         ),
         batch_size=e.batch_size,
         batch_format="numpy",
@@ -154,7 +176,7 @@ def ray_generate(cfg: Config, path: Path, method: str, problems: list[dict], exe
     gen_seconds = sum(float(r["gen_seconds"]) for r in rows)
     return [
         {"sample_index": int(r["sample_index"]), "outputs": [str(o) for o in r["outputs"]],
-         "output_tokens": [int(t) for t in r["output_tokens"]]}
+         "output_tokens": [int(t) for t in r["output_tokens"]]} | ({"rationale": str(r["rationale"])} if "rationale" in r else {})
         for r in rows
     ], gen_seconds
 
@@ -163,31 +185,18 @@ def ray_generate(cfg: Config, path: Path, method: str, problems: list[dict], exe
 
 
 async def _endpoint_outputs(cfg: Config, method: str, problems: list[dict], exemplars: Optional[str]) -> list[dict]:
-    from openai import AsyncOpenAI
-
-    from ..teacher.client import Secret, redact
+    """Every problem asked of `eval.endpoint` through the shared endpoint component (one pooled
+    client, one retry policy, chat vs completions in one place: ftcot_ray/endpoint.py)."""
+    from ..endpoint import CallError, Endpoint, Secret
 
     e, ep = cfg.eval, cfg.eval.endpoint
     # The key is read from the environment at call time and never logged or written.
-    secret = Secret(os.environ.get(ep.api_key_env) or "EMPTY")
-    client = AsyncOpenAI(base_url=ep.base_url, api_key=secret.get(),
-                         max_retries=ep.max_attempts - 1, timeout=ep.timeout_s)
-    sem = asyncio.Semaphore(ep.concurrency)
+    client = Endpoint.from_config(ep, Secret(os.environ.get(ep.api_key_env) or "EMPTY"))
+    stop = list(ev.PROMPT_STOPS) if ep.api == "completions" else None
 
     async def ask(prompt: str, n: int, temperature: float, max_tokens: int) -> tuple[list[str], int]:
-        async with sem:
-            if ep.api == "chat":
-                r = await client.chat.completions.create(
-                    model=ep.model, messages=[{"role": "user", "content": prompt}], n=n,
-                    temperature=temperature, max_tokens=max_tokens)
-                texts = [c.message.content or "" for c in r.choices]
-            else:
-                r = await client.completions.create(
-                    model=ep.model, prompt=prompt, n=n, temperature=temperature, max_tokens=max_tokens,
-                    stop=list(ev.PROMPT_STOPS))
-                texts = [c.text for c in r.choices]
-        used = r.usage.completion_tokens if r.usage else 0
-        return [ev.cut_at_stop(t) for t in texts], used
+        r = await client.complete(prompt, n=n, temperature=temperature, max_tokens=max_tokens, stop=stop)
+        return [ev.cut_at_stop(text) for text, _ in r.choices], r.completion_tokens
 
     async def one(p: dict) -> dict:
         try:
@@ -200,9 +209,9 @@ async def _endpoint_outputs(cfg: Config, method: str, problems: list[dict], exem
             per = used // max(1, len(outs))
             return {"sample_index": p["sample_index"], "outputs": outs, "output_tokens": [per] * len(outs),
                     "error": None}
-        except Exception as exc:  # a failed request is a graded-wrong row with its error, never a lost question
+        except CallError as exc:  # a failed request is a graded-wrong row with its error, never a lost question
             return {"sample_index": p["sample_index"], "outputs": [""] * e.samples, "output_tokens": [],
-                    "error": redact(f"{type(exc).__name__}: {exc}", secret)[:500]}
+                    "error": str(exc)[:500]}  # already redacted of the key
 
     try:
         from tqdm.asyncio import tqdm_asyncio
@@ -213,7 +222,9 @@ async def _endpoint_outputs(cfg: Config, method: str, problems: list[dict], exem
 
 
 def endpoint_generate(cfg: Config, method: str, problems: list[dict], exemplars: Optional[str]) -> list[dict]:
-    return asyncio.run(_endpoint_outputs(cfg, method, problems, exemplars))
+    from ..endpoint import run_sync
+
+    return run_sync(lambda: _endpoint_outputs(cfg, method, problems, exemplars))
 
 
 # --------------------------------------------------------------------------- the stage
@@ -223,7 +234,7 @@ def _labels(cfg: Config, method: str, student: Optional[Path]) -> dict:
     """What the report needs to place this evaluation in its table and plots."""
     e = cfg.eval
     labels = {"method": method, "dataset": cfg.data.dataset, "split": e.split, "diversity": None}
-    if method == "ft_cot":
+    if method in ("ft_cot", "step_by_step"):
         labels["diversity"] = cfg.curate.diversity
     if e.endpoint:
         labels["student"] = e.endpoint.model

@@ -157,7 +157,7 @@ def fit(cfg: Config, out: Path, key: str, tokenizer, train_examples, val_example
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ..ray_utils import BoardBar, init_ray, progress_board
+    from ..ray_utils import board_bar, init_ray, progress_board
     from ..student.loop import plan, train_loop
 
     init_ray(cfg)
@@ -186,7 +186,7 @@ def fit(cfg: Config, out: Path, key: str, tokenizer, train_examples, val_example
                                                checkpoint_score_order="max"),
         ),
     )
-    bar = BoardBar(board, "train", f"train {cfg.train.method} ({cfg.student.arch}-{cfg.student.size})", total)
+    bar = board_bar(board, "train", f"train {cfg.train.method} ({cfg.student.arch}-{cfg.student.size})", total)
     try:
         result = interruptible(trainer.fit)
     finally:
@@ -222,14 +222,16 @@ def interruptible(fn):
 
 
 def latest_step(run_folder: Path) -> int | None:
-    """The step of the newest checkpoint a killed earlier attempt left (None: a fresh start)."""
-    steps = []
-    for f in run_folder.glob("checkpoint_*/ftcot_state.json"):
-        try:
-            steps.append(json.loads(f.read_text())["step"])
-        except (OSError, ValueError, KeyError):
-            pass
-    return max(steps) if steps else None
+    """The step of the checkpoint Ray Train will restore for this run (None: a fresh start).
+
+    Read from Ray Train's own checkpoint-manager snapshot, not from the checkpoint folders: a folder can be
+    on disk before the controller registered it (a kill in between), and Ray restores only what it registered.
+    """
+    try:
+        snap = json.loads((run_folder / "checkpoint_manager_snapshot.json").read_text())
+        return (snap.get("latest_checkpoint_result") or {}).get("metrics", {}).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def collect_outputs(result, out: Path, cfg: Config) -> dict:

@@ -1,10 +1,10 @@
-"""Asking the teacher: AsyncOpenAI calls with a cache, permits, retries, backoff and accounting.
+"""Asking the teacher: the shared endpoint component plus a cache, permits and accounting.
 
-One `TeacherClient` per worker keeps many requests in flight on one event loop (a semaphore of
-`teacher.concurrency`). Every answered sample is cached at once; a sample found in the cache is
-never asked again. Retries: 429 (obeying Retry-After, job-wide), 5xx, timeouts, connection errors
-and malformed bodies, with jittered exponential backoff, at most `teacher.max_attempts` attempts;
-then the step returns its error and the job goes on. 400/401/403/404 are not retried.
+One `TeacherClient` per worker keeps many requests in flight on one event loop (the endpoint's
+slots). Every answered sample is cached at once; a sample found in the cache is never asked
+again. Retries, backoff and which statuses are worth retrying are the endpoint's one policy
+(ftcot_ray/endpoint.py); a 429's Retry-After pauses the whole job through the gate. A call that
+still fails returns its error and the job goes on (an error row, never a lost question).
 
 The sample index travels as the OpenAI `seed` parameter (`teacher.seed_param`), so D samples of a
 question are distinct, reproducible requests; with `teacher.use_n` one request asks for several
@@ -15,43 +15,21 @@ Keys: read from the environment by the caller, never logged; `redact` scrubs the
 from __future__ import annotations
 
 import asyncio
-import json
-import math
 import os
-import random
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import IO, Any, Optional
 from urllib.parse import urlparse
 
+from ..endpoint import CallError, Endpoint, Reply, Secret, redact, run_sync
+from ..errors import TeacherSetupError
 from .cache import AnswerCache, request_key
 from .limiter import BudgetExhausted, Permits
 
+__all__ = ["Secret", "redact", "TeacherSetupError", "StepResult", "TeacherClient", "preflight", "api_key_from_env",
+           "is_local"]
+
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
-
-
-class TeacherSetupError(ValueError):
-    """The teacher cannot be used at all (bad key, unreachable endpoint, missing variable): fail fast."""
-
-
-class Secret:
-    """An API key that never shows itself in reprs, logs, tracebacks or pickled-arg listings."""
-
-    def __init__(self, value: str):
-        self._value = value
-
-    def get(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret(***)"
-
-    __str__ = __repr__
-
-
-def redact(text: str, secret: Optional[Secret]) -> str:
-    key = secret.get() if secret else ""
-    return text.replace(key, "***") if key and len(key) >= 4 else text
 
 
 def is_local(base_url: str) -> bool:
@@ -73,24 +51,22 @@ def api_key_from_env(env_name: str, base_url: str) -> Secret:
 
 def preflight(base_url: str, secret: Secret, env_name: str, timeout_s: float = 10.0) -> list[str]:
     """One cheap GET /models before the fan-out: a bad key or a dead endpoint fails in seconds, clearly."""
-    import openai
+    async def models() -> list[str]:
+        async with Endpoint(base_url, secret, timeout_s=timeout_s, max_attempts=2, backoff_base_s=0.2) as ep:
+            return await ep.models()
 
-    client = openai.OpenAI(base_url=base_url, api_key=secret.get(), max_retries=0, timeout=timeout_s)
     try:
-        return [m.id for m in client.models.list().data]
-    except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
-        # The provider's message may echo part of the key: say it in our words only.
-        raise TeacherSetupError(
-            f"the teacher at {base_url} rejected the API key from ${env_name} (HTTP {e.status_code}); "
-            f"check that variable"
-        ) from None
-    except openai.APIConnectionError as e:
-        cause = type(e.__cause__).__name__ if e.__cause__ else type(e).__name__
-        raise TeacherSetupError(f"cannot reach the teacher at {base_url} ({cause}); check teacher.base_url") from None
-    except openai.NotFoundError:
-        return []  # some OpenAI-compatible servers have no /models: not fatal
-    finally:
-        client.close()
+        return run_sync(models)
+    except CallError as e:
+        if e.status in (401, 403):  # in our words only: the provider's message may echo part of the key
+            raise TeacherSetupError(f"the teacher at {base_url} rejected the API key from ${env_name} "
+                                    f"(HTTP {e.status}); check that variable") from None
+        if e.status == 404:
+            return []  # some OpenAI-compatible servers have no /models: not fatal
+        if e.status is None:
+            cause = str(e).split(": ", 1)[-1]
+            raise TeacherSetupError(f"cannot reach the teacher at {base_url} ({cause}); check teacher.base_url") from None
+        raise TeacherSetupError(f"the teacher at {base_url} failed its first call, GET /models: {e}") from None
 
 
 @dataclass
@@ -116,32 +92,56 @@ class StepResult:
                    attempts=0, cached=True)
 
 
-class _Retryable(Exception):
-    def __init__(self, message: str, retry_after: Optional[float] = None):
-        super().__init__(message)
-        self.retry_after = retry_after
+def split_reply(reply: Reply, samples: list[int], price: tuple[float, float]) -> dict[int, StepResult]:
+    """One reply -> a StepResult per sample. Usage is per request: with n > 1 the prompt is billed
+    once (on the first sample) and the completion tokens are split evenly (the API does not say
+    which choice used how many)."""
+    k, pt, ct = len(samples), reply.prompt_tokens, reply.completion_tokens
+    out = {}
+    for i, s in enumerate(samples):
+        p_i = pt if i == 0 else 0
+        c_i = ct // k + (ct % k if i == 0 else 0)
+        text, finish = reply.choices[i]
+        out[s] = StepResult(text=text, finish_reason=finish, prompt_tokens=p_i, completion_tokens=c_i,
+                            cost_usd=p_i * price[0] + c_i * price[1], attempts=reply.attempts)
+    return out
+
+
+class _Permit:
+    """The endpoint's gate for one teacher call: a permit of `units` before each attempt (see
+    `Permits`), released after it, `keep` units kept on success for the step 2 it prepays."""
+
+    def __init__(self, permits: Permits, units: int, keep: int, price: tuple[float, float]):
+        self.permits, self.units, self.keep, self.price = permits, units, keep, price
+        self.entered = 0
+
+    async def enter(self) -> None:
+        await self.permits.acquire(self.units)
+        self.entered += 1
+
+    def leave(self, reply: Optional[Reply]) -> None:
+        if reply is None:
+            self.permits.done(0.0, self.units)
+        else:
+            cost = reply.prompt_tokens * self.price[0] + reply.completion_tokens * self.price[1]
+            self.permits.done(cost, self.units - self.keep)
+
+    async def pause(self, seconds: float) -> None:
+        await self.permits.pause(seconds)
 
 
 class TeacherClient:
     def __init__(self, tcfg: Any, *, base_url: str, endpoint_id: str, secret: Secret,
-                 cache: Optional[AnswerCache], permits: Permits):
+                 cache: Optional[AnswerCache], permits: Permits, concurrency: Optional[int] = None,
+                 journal: Optional[IO[str]] = None):
         self.t = tcfg
         self.base_url, self.endpoint_id, self.secret = base_url, endpoint_id, secret
-        self.cache, self.permits = cache, permits
+        self.cache, self.permits, self.journal = cache, permits, journal
         price = tcfg.prices.get(tcfg.model)
-        self.price_in = price.input / 1e6 if price else 0.0
-        self.price_out = price.output / 1e6 if price else 0.0
-        self.sem = asyncio.Semaphore(tcfg.concurrency)
+        self.price = price.per_token("sync") if price else (0.0, 0.0)
         self.delta = permits.delta  # one counter dict per worker, flushed to the job's gate
-        import httpx
-        import openai
-
-        # Keep-alive for every slot: re-opening sockets at 256 in flight costs more than the requests.
-        http = httpx.AsyncClient(limits=httpx.Limits(max_connections=tcfg.concurrency + 8,
-                                                     max_keepalive_connections=tcfg.concurrency + 8),
-                                 timeout=tcfg.timeout_s)
-        self.client = openai.AsyncOpenAI(base_url=base_url, api_key=secret.get(), max_retries=0,
-                                         timeout=tcfg.timeout_s, http_client=http)
+        self.endpoint = Endpoint.from_config(tcfg, secret, base_url=base_url, concurrency=concurrency,
+                                             counters=self.delta)
 
     # ------------------------------------------------------------------ keys and cost
 
@@ -150,9 +150,6 @@ class TeacherClient:
 
     def key(self, payload: Any, max_tokens: int, sample: int) -> str:
         return request_key(self.endpoint_id, self.t.api, self.t.model, payload, self.params(max_tokens), sample)
-
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return prompt_tokens * self.price_in + completion_tokens * self.price_out
 
     # ------------------------------------------------------------------ one step, several samples
 
@@ -165,8 +162,9 @@ class TeacherClient:
         """
         out: dict[int, StepResult] = {}
         missing = []
+        keys = {s: self.key(payload, max_tokens, s) for s in samples}
         for s in samples:
-            hit = self.cache.get(self.key(payload, max_tokens, s)) if self.cache is not None else None
+            hit = await self.cache.aget(keys[s]) if self.cache is not None else None
             if hit is not None:
                 out[s] = StepResult.from_cache(hit)
                 self.delta["cache_hits"] += 1
@@ -176,127 +174,43 @@ class TeacherClient:
             contiguous = missing == list(range(missing[0], missing[0] + len(missing)))
             groups = [missing] if self.t.use_n and len(missing) > 1 and contiguous else [[s] for s in missing]
             per = 2 if first_step else (0 if prepaid else 1)
-            for res in await asyncio.gather(*(self._ask(payload, g, max_tokens, units=per * len(g),
-                                                        keep=len(g) if first_step else 0) for g in groups)):
+            step_no = 1 if first_step else 2
+            for res in await asyncio.gather(*(self._ask(payload, g, [keys[x] for x in g], max_tokens, per * len(g),
+                                                        len(g) if first_step else 0, step_no) for g in groups)):
                 out.update(res)
         if prepaid:
             self.permits.done(0.0, len(samples))
         return out
 
-    async def _ask(self, payload: Any, samples: list[int], max_tokens: int, units: int, keep: int) -> dict[int, StepResult]:
-        last_error = "not attempted"
-        for attempt in range(1, self.t.max_attempts + 1):
-            try:
-                # Permit first, then a slot: a request waiting for budget must not sit on a slot that
-                # a prepaid step 2 needs to finish (and free) its reservation.
-                await self.permits.acquire(units)
-                async with self.sem:
-                    try:
-                        results = await self._request(payload, samples, max_tokens)
-                    except BaseException:
-                        self.permits.done(0.0, units)
-                        raise
-                self.permits.done(sum(r.cost_usd for r in results.values()), units - keep)
-            except BudgetExhausted:
-                return {s: StepResult(attempts=attempt - 1, error=(
-                    f"budget: not sent, teacher.budget_usd={self.t.budget_usd} would be exceeded")) for s in samples}
-            except _Retryable as e:
-                last_error = str(e)
-                self.delta["failed_requests"] += 1
-                if attempt == self.t.max_attempts:
-                    break
-                self.delta["retries"] += 1
-                wait = self._backoff(attempt)
-                if e.retry_after is not None:
-                    wait = max(wait, e.retry_after)
-                    await self.permits.pause(e.retry_after)
-                await asyncio.sleep(wait)
-                continue
-            except _Fatal as e:
-                self.delta["failed_requests"] += 1
-                return {s: StepResult(attempts=attempt, error=str(e)) for s in samples}
-            for s, r in results.items():
-                r.attempts = attempt
-                if self.cache is not None:
-                    self.cache.put(self.key(payload, max_tokens, s), r.to_cache())
-            return results
-        return {s: StepResult(attempts=self.t.max_attempts,
-                              error=f"gave up after {self.t.max_attempts} attempts: {last_error}") for s in samples}
+    async def _ask(self, payload: Any, samples: list[int], keys: list[str], max_tokens: int, units: int, keep: int,
+                   step_no: int) -> dict[int, StepResult]:
+        gate = _Permit(self.permits, units, keep, self.price)
+        self.delta[f"step{step_no}_requests"] += 1
+        journal = self.journal
 
-    def _backoff(self, attempt: int) -> float:
-        cap = min(self.t.backoff_max_s, self.t.backoff_base_s * 2 ** (attempt - 1))
-        return cap / 2 + random.uniform(0, cap / 2)  # "equal jitter": never ~0, never in lockstep
+        def on_send() -> None:  # "on the wire": a re-run after a kill counts what it asks again
+            journal.write("".join(k + "\n" for k in keys))
 
-    async def _request(self, payload: Any, samples: list[int], max_tokens: int) -> dict[int, StepResult]:
-        import openai
-
-        kw: dict[str, Any] = {"model": self.t.model, "temperature": self.t.temperature, "top_p": self.t.top_p,
-                              "max_tokens": max_tokens}
-        if len(samples) > 1:
-            kw["n"] = len(samples)
-        if self.t.seed_param:
-            kw["seed"] = samples[0]
-        self.delta["requests"] += 1
         try:
-            if self.t.api == "chat":
-                r = await self.client.chat.completions.create(messages=payload, **kw)
-                texts = {c.index: (c.message.content or "", c.finish_reason) for c in r.choices}
-            else:
-                r = await self.client.completions.create(prompt=payload, **kw)
-                texts = {c.index: (c.text, c.finish_reason) for c in r.choices}
-            if len(texts) != len(samples):
-                raise _Retryable(f"malformed response: {len(texts)} choices for n={len(samples)}")
-            pt = r.usage.prompt_tokens if r.usage else 0
-            ct = r.usage.completion_tokens if r.usage else 0
-        except openai.RateLimitError as e:
-            raise _Retryable("429 rate limited", _retry_after(e.response)) from None
-        except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
-            raise _Fatal(f"HTTP {e.status_code}: the teacher rejected the API key") from None
-        except (openai.BadRequestError, openai.NotFoundError, openai.UnprocessableEntityError) as e:
-            raise _Fatal(redact(f"HTTP {e.status_code}: {_message(e)}", self.secret)) from None
-        except openai.APITimeoutError:
-            raise _Retryable(f"timeout after {self.t.timeout_s:g}s") from None
-        except openai.APIStatusError as e:
-            raise _Retryable(redact(f"HTTP {e.status_code}: {_message(e)}", self.secret)) from None
-        except openai.APIConnectionError as e:
-            raise _Retryable(f"connection error: {type(e.__cause__ or e).__name__}") from None
-        except (json.JSONDecodeError, openai.APIResponseValidationError, AttributeError, KeyError, TypeError,
-                ValueError) as e:
-            raise _Retryable(f"malformed response: {type(e).__name__}") from None
-        self.delta["prompt_tokens"] += pt
-        self.delta["completion_tokens"] += ct
-        # Usage is per request: with n > 1 the prompt is billed once (on the first sample) and the
-        # completion tokens are split evenly (the API does not say which choice used how many).
-        k = len(samples)
-        out = {}
-        for i, s in enumerate(samples):
-            p_i = pt if i == 0 else 0
-            c_i = ct // k + (ct % k if i == 0 else 0)
-            out[s] = StepResult(text=texts[i][0], finish_reason=texts[i][1], prompt_tokens=p_i,
-                                completion_tokens=c_i, cost_usd=self.cost(p_i, c_i))
-        return out
+            reply = await self.endpoint.complete(
+                payload, max_tokens=max_tokens, temperature=self.t.temperature, top_p=self.t.top_p,
+                n=len(samples), seed=samples[0] if self.t.seed_param else None, gate=gate,
+                on_send=on_send if journal is not None else None)
+        except BudgetExhausted:
+            if gate.entered == 0:
+                self.delta[f"step{step_no}_requests"] -= 1  # never sent
+            return {s: StepResult(attempts=gate.entered, error=(
+                f"budget: not sent, teacher.budget_usd={self.t.budget_usd} would be exceeded")) for s in samples}
+        except CallError as e:
+            return {s: StepResult(attempts=e.attempts, error=str(e)) for s in samples}
+        for name, value in (("prompt_tokens", reply.prompt_tokens), ("completion_tokens", reply.completion_tokens)):
+            self.delta[name] += value
+            self.delta[f"step{step_no}_{name}"] += value
+        results = split_reply(reply, samples, self.price)
+        if self.cache is not None:
+            for key, s in zip(keys, samples):
+                await self.cache.aput(key, results[s].to_cache())
+        return results
 
     async def close(self) -> None:
-        await self.client.close()
-
-
-class _Fatal(Exception):
-    """Not worth retrying (bad request, unknown model, rejected key): the row records it."""
-
-
-def _retry_after(response: Any) -> Optional[float]:
-    try:
-        value = response.headers.get("retry-after")
-        return float(value) if value is not None else None
-    except (AttributeError, ValueError):
-        return None
-
-
-def _message(e: Any) -> str:
-    """The server's error message, short (OpenAI's shape: {"error": {"message": ...}})."""
-    body = getattr(e, "body", None)
-    if isinstance(body, dict):
-        inner = body.get("error") if isinstance(body.get("error"), dict) else body
-        if inner.get("message"):
-            return str(inner["message"])[:300]
-    return str(getattr(e, "message", e))[:300]
+        await self.endpoint.close()

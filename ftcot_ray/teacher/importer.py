@@ -97,7 +97,8 @@ def import_reasoning_teacher(path: str | Path, out: str | Path, split_file: Opti
                                     "teacher.base_url": "https://api.openai.com/v1", "teacher.api": "completions",
                                     "teacher.model": str(metadata.get("base_model") or "unknown"),
                                     "teacher.temperature": float(rows[0]["temperature"] or 0.0) if rows else 0.0,
-                                    "teacher.samples": max((r["sample_idx"] for r in rows), default=0) + 1})
+                                    "teacher.samples": max((r["sample_idx"] for r in rows), default=0) + 1,
+                                    "pipeline.diversity": [1]})
     begin(out)
     problems = [{"sample_index": i, "question": samples[i][0]["question"], "answer": str(samples[i][0]["answer"]),
                  "split": split_of[i], "dataset": key} for i in sorted(samples)]

@@ -21,7 +21,10 @@ from collections import Counter
 from typing import Any, Optional
 
 COUNTERS = ("rows_done", "rows_error", "requests", "failed_requests", "retries", "cache_hits",
-            "prompt_tokens", "completion_tokens", "cost_usd")
+            "prompt_tokens", "completion_tokens", "cost_usd",
+            # per step: distinct requests (retries not counted again) and the usage they reported
+            "step1_requests", "step1_prompt_tokens", "step1_completion_tokens",
+            "step2_requests", "step2_prompt_tokens", "step2_completion_tokens")
 
 
 class BudgetExhausted(RuntimeError):
