@@ -206,7 +206,7 @@ COMMANDS: dict[str, Command] = {
                    run_options, call_run),
     "data": Command("ftcot_ray.stages.data", "load a benchmark or generate a synthetic task: problems table + split",
                     data_options, call_data),
-    "teach": Command("ftcot_ray.stages.teach", "zero-shot-CoT teacher completions over an OpenAI-compatible API (Ray Data)",
+    "teach": Command("ftcot_ray.stages.teach", "zero-shot-CoT teacher completions over an OpenAI-compatible API (Ray actors, or the Batch API)",
                      teach_options, call_teach),
     "curate": Command("ftcot_ray.stages.curate", "grade rationales, keep correct ones, format training pairs",
                       stage_options("curate", "teach output folder (default: this config's)"), call_stage),

@@ -183,8 +183,8 @@ class TeacherConfig(EndpointConfig):
     mode: Literal["sync", "batch"] = runtime("sync")
     num_actors: Optional[int] = runtime(None, ge=1)  # fan-out actors; default: sized to the CPUs Ray has
     actor_cpus: float = runtime(0.25, ge=0)  # logical CPUs each fan-out actor claims (it mostly waits on I/O)
-    # Rows per Ray Data batch (granularity of progress and output, not of speed: each actor runs as
-    # many batches at once as it takes to keep teacher.concurrency requests in flight).
+    # Rows per chunk handed to a fan-out actor (granularity of progress and output, not of speed: each actor runs as
+    # many chunks at once as it takes to keep teacher.concurrency requests in flight).
     batch_size: int = runtime(16, ge=1)
     rpm: Optional[int] = runtime(None, ge=1)  # whole-job requests/min
     tpm: Optional[int] = runtime(None, ge=1)  # whole-job tokens/min
@@ -437,6 +437,16 @@ class ServedStudentFormat(_Section):
 SERVE_MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
 
+def _at_least(section: str, other: str, why: str = ""):
+    """A field validator: the field must be >= the (earlier declared) field `other` of the same section."""
+    def check(cls, v, info):
+        low = info.data.get(other)
+        if low is not None and v < low:
+            raise ValueError(f"must be >= {section}.{other}={low}{why}")
+        return v
+    return classmethod(check)
+
+
 class ServeConfig(_Section):
     """`ftcot serve`: Ray Serve hosting students behind an OpenAI-compatible API. Nothing here changes
     a stage's result (every field is runtime)."""
@@ -501,21 +511,9 @@ class ServeConfig(_Section):
             raise ValueError("must start with / (e.g. / or /students)")
         return v
 
-    @field_validator("max_replicas")
-    @classmethod
-    def _replicas(cls, v: int, info) -> int:
-        low = info.data.get("min_replicas")
-        if low is not None and v < low:
-            raise ValueError(f"must be >= serve.min_replicas={low}")
-        return v
-
-    @field_validator("max_ongoing_requests")
-    @classmethod
-    def _room_for_a_batch(cls, v: int, info) -> int:
-        batch = info.data.get("max_batch_size")
-        if batch is not None and v < batch:
-            raise ValueError(f"must be >= serve.max_batch_size={batch}, or a replica never fills a batch")
-        return v
+    _replicas = field_validator("max_replicas")(_at_least("serve", "min_replicas"))
+    _room_for_a_batch = field_validator("max_ongoing_requests")(
+        _at_least("serve", "max_batch_size", ", or a replica never fills a batch"))
 
 
 class ReportConfig(_Section):

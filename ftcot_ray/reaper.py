@@ -4,7 +4,7 @@
 process group does not reach it). While the driver lives it notes the driver's descendants (Ray's
 GCS, raylet, agents, workers, a local teacher-sim); once the driver is gone, however it ended
 (normal exit, Ctrl-C, SIGKILL), it kills those that are still alive, and their children. Ray's
-dashboard and runtime-env agents ignore SIGTERM, and Ray Data workers keep sending teacher
+dashboard and runtime-env agents ignore SIGTERM, and fan-out actors would keep sending teacher
 requests after a SIGKILL of the driver, so SIGKILL it is.
 """
 

@@ -122,7 +122,7 @@ def run(cfg: Config, out: Path | None = None, inp: Path | None = None, *, retry_
 
 def ask(cfg: Config, todo: list[dict], ep: dict, *, spent_usd: float, cached: int, total: int,
         progress: bool) -> tuple[list[dict], dict]:
-    """The rows not in the cache, through the Batch API or the Ray Data fan-out."""
+    """The rows not in the cache, through the Batch API or the fan-out on Ray actors."""
     t = cfg.teacher
     common = dict(base_url=ep["base_url"], endpoint_id=ep["endpoint_id"], secret=ep["secret"],
                   cache_dir=cache_dir(cfg), spent_usd=spent_usd)
