@@ -463,7 +463,8 @@ class ServeConfig(_Section):
     max_tokens: int = runtime(256, ge=1)  # when a request does not say (capped by the student's context)
     max_n: int = runtime(16, ge=1)  # choices per request (self-consistency)
     max_body_bytes: int = runtime(1_000_000, ge=1024)
-    # Dynamic batching (@serve.batch): rows (choices) per forward pass, and how long a batch waits to fill.
+    # Dynamic batching (serve/batcher.py): rows (choices) per forward pass, and how long an idle replica waits
+    # for a burst to fill its next batch.
     max_batch_size: int = runtime(32, ge=1)
     batch_wait_timeout_s: float = runtime(0.01, ge=0)
     # Student replicas: resources, concurrency, queue (beyond it: 503 + Retry-After), autoscaling.

@@ -351,3 +351,83 @@ def test_build_app_args_and_the_serve_config_file(tmp_path, folders, monkeypatch
     assert type(app).__name__ == "Application"
     assert deployment_name("org/model:v1") != deployment_name("org_model_v1")
     assert deployment_name("org/model:v1").startswith("student-org_model_v1-")
+
+
+# --------------------------------------------------------------------------- the batcher
+
+
+def _fake_batches(log: list, steps: int = 3, fail_on: str | None = None):
+    """A run_batch that records each batch's jobs and yields `steps` updates per job, then StopAsyncIteration."""
+    import asyncio
+
+    async def run_batch(jobs):
+        log.append([j["name"] for j in jobs])
+        for step in range(steps):
+            await asyncio.sleep(0.01)  # a forward pass: requests keep arriving meanwhile
+            if fail_on in [j["name"] for j in jobs]:
+                raise RuntimeError(f"{fail_on} broke the batch")
+            yield [f"{j['name']}:{step}" for j in jobs]
+        yield [StopAsyncIteration for _ in jobs]
+
+    return run_batch
+
+
+def _collect(batcher, job):
+    async def go():
+        return [u async for u in batcher.submit(job)]
+    return go()
+
+
+def test_jobs_that_queue_while_a_batch_runs_form_the_next_batch_together():
+    import asyncio
+
+    from ftcot_ray.serve.batcher import Batcher
+
+    async def main():
+        log: list = []
+        b = Batcher(_fake_batches(log), max_rows=8, wait_s=0.0, rows_of=lambda j: j["rows"])
+        first = asyncio.create_task(_collect(b, {"name": "a", "rows": 1}))
+        await asyncio.sleep(0.005)  # "a" is decoding alone; five more arrive one by one meanwhile
+        rest = []
+        for name in "bcdef":
+            rest.append(asyncio.create_task(_collect(b, {"name": name, "rows": 1})))
+            await asyncio.sleep(0.002)
+        out = await asyncio.gather(first, *rest)
+        return log, out
+
+    log, out = asyncio.run(main())
+    # @serve.batch would have cut these arrivals into several small batches; here they wait together
+    assert log == [["a"], ["b", "c", "d", "e", "f"]]
+    assert out[0] == ["a:0", "a:1", "a:2"] and out[3] == ["d:0", "d:1", "d:2"]
+
+
+def test_a_batch_holds_at_most_max_rows_and_a_larger_job_runs_alone():
+    import asyncio
+
+    from ftcot_ray.serve.batcher import Batcher
+
+    async def main():
+        log: list = []
+        b = Batcher(_fake_batches(log, steps=1), max_rows=4, wait_s=0.02, rows_of=lambda j: j["rows"])
+        jobs = [{"name": "x", "rows": 3}, {"name": "y", "rows": 2}, {"name": "z", "rows": 6}, {"name": "w", "rows": 1}]
+        await asyncio.gather(*(_collect(b, j) for j in jobs))
+        return log
+
+    assert asyncio.run(main()) == [["x"], ["y"], ["z"], ["w"]]  # 3+2 > 4; 6 > 4 alone; then w
+
+
+def test_a_failed_batch_fails_its_requests_only_and_the_next_batch_is_served():
+    import asyncio
+
+    from ftcot_ray.serve.batcher import Batcher
+
+    async def main():
+        log: list = []
+        b = Batcher(_fake_batches(log, fail_on="bad"), max_rows=1, wait_s=0.0)
+        bad = asyncio.create_task(_collect(b, {"name": "bad"}))
+        good = asyncio.create_task(_collect(b, {"name": "good"}))
+        return await asyncio.gather(bad, good, return_exceptions=True)
+
+    bad, good = asyncio.run(main())
+    assert isinstance(bad, RuntimeError) and "bad broke the batch" in str(bad)
+    assert good == ["good:0", "good:1", "good:2"]

@@ -1,10 +1,10 @@
 """The student replica: one exported student, dynamic batching, token streaming.
 
 Every request is a `Job` of rows (its n choices) with token ids the ingress already built with
-the student's card. `@serve.batch` gathers the jobs that arrive within `batch_wait_timeout_s`
-into one batch of up to `max_batch_size` rows (`batch_size_fn` counts rows, so a request's n
-choices always decode together), and the batch runs as one decoding loop (engine.py). The
-batched method is an async generator: after every forward pass it yields one update per job
+the student's card. The batcher (batcher.py) takes the jobs that queued while the previous batch
+ran, up to `max_batch_size` rows (a request's n choices always decode together), and the batch
+runs as one decoding loop (engine.py). The batch method is an async generator: after every
+forward pass it yields one update per job
 (the new text of its streamed rows, or its final texts), so streamed and non-streamed requests
 share batches, and a streamed request's pieces add up to what the same request returns whole.
 
@@ -21,6 +21,7 @@ from typing import AsyncIterator, Optional
 
 from ray import serve
 
+from .batcher import Batcher
 from .engine import RowSpec, abort, new_states, step_states
 
 log = logging.getLogger("ray.serve")
@@ -31,10 +32,6 @@ class Job:
     rows: list[RowSpec]
     stream: bool = False
     aborted: bool = False  # set in the replica when the caller went away: its rows leave the batch
-
-
-def rows_in(jobs: list[Job]) -> int:
-    return sum(len(j.rows) for j in jobs)
 
 
 @serve.deployment
@@ -51,8 +48,7 @@ class StudentServer:
             if not torch.cuda.is_available():
                 raise RuntimeError(f"{model_id}: serve.gpus_per_replica > 0 but this replica sees no CUDA device")
             self.student.model.to("cuda")
-        self._batched.set_max_batch_size(max_batch_size)
-        self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.batcher = Batcher(self._run_batch, max_batch_size, batch_wait_timeout_s, rows_of=lambda j: len(j.rows))
         self.counts = {"requests": 0, "batches": 0, "rows": 0, "max_batch_rows": 0, "max_batch_requests": 0}
         self._warm_up()
 
@@ -66,7 +62,7 @@ class StudentServer:
     async def complete(self, job: Job) -> list[dict]:
         """The finished rows of one request: [{"index", "text", "finish_reason", "tokens"}]."""
         try:
-            async for update in self._batched(job):
+            async for update in self.batcher.submit(job):
                 if update and update[0].get("final"):
                     return update
         finally:
@@ -77,7 +73,7 @@ class StudentServer:
         """Per forward pass, the rows of this request that have new text or just finished."""
         remaining = len(job.rows)
         try:
-            async for update in self._batched(job):
+            async for update in self.batcher.submit(job):
                 if not update:
                     continue
                 yield update
@@ -90,8 +86,7 @@ class StudentServer:
     def stats(self) -> dict:
         return dict(self.counts)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=rows_in)
-    async def _batched(self, jobs: list[Job]):
+    async def _run_batch(self, jobs: list[Job]):
         from .reasoning import TextStream
 
         tok = self.student.tokenizer

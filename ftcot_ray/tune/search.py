@@ -70,7 +70,8 @@ def scheduler(cfg: Config, space: dict[str, Dist]):
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr="step", metric=tc.metric, mode=mode_of(tc.metric), max_t=max_steps(cfg, space),
+    # metric and mode come from the Tuner's TuneConfig (Tune refuses them twice)
+    return ASHAScheduler(time_attr="step", max_t=max_steps(cfg, space),
                          grace_period=tc.grace_steps or cfg.train.eval_every_steps or 1,
                          reduction_factor=tc.reduction_factor)
 
