@@ -296,8 +296,12 @@ def main(argv: list[str] | None = None, prepare: Callable[[Config], Config] | No
         print(f"ftcot {name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"ftcot {name}: interrupted; finished work is kept (training keeps its last checkpoint): "
-              f"re-run the same command to continue.", file=sys.stderr)
+        if name == "serve":  # a second Ctrl-C during the shutdown: nothing to resume, say what is left
+            print("ftcot serve: interrupted; a local Ray started here stops with it (on a cluster, `serve status` "
+                  "shows whether the application is still up)", file=sys.stderr)
+        else:
+            print(f"ftcot {name}: interrupted; finished work is kept (training keeps its last checkpoint): "
+                  f"re-run the same command to continue.", file=sys.stderr)
         return 130
 
 

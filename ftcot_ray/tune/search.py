@@ -61,7 +61,8 @@ def searcher(cfg: Config):
         return OptunaSearch(metric=tc.metric, mode=mode_of(tc.metric), seed=tc.seed)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=tc.seed)
+    # Tune applies TuneConfig.max_concurrent_trials only to a Searcher; this generator takes its own cap.
+    return BasicVariantGenerator(random_state=tc.seed, max_concurrent=concurrency(cfg)["concurrent_trials"])
 
 
 def scheduler(cfg: Config, space: dict[str, Dist]):
@@ -70,8 +71,10 @@ def scheduler(cfg: Config, space: dict[str, Dist]):
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    # metric and mode come from the Tuner's TuneConfig (Tune refuses them twice)
-    return ASHAScheduler(time_attr="step", max_t=max_steps(cfg, space),
+    # metric and mode come from the Tuner's TuneConfig (Tune refuses them twice). stop_last_trials=False:
+    # a trial that reaches max_t has just trained its last step, and stopping it there would kill it
+    # before it exports its student; it ends by itself a moment later.
+    return ASHAScheduler(time_attr="step", max_t=max_steps(cfg, space), stop_last_trials=False,
                          grace_period=tc.grace_steps or cfg.train.eval_every_steps or 1,
                          reduction_factor=tc.reduction_factor)
 
@@ -152,7 +155,9 @@ def tuner(cfg: Config, space: dict[str, Dist], search_dir: Path, resume: bool, f
         param_space=param_space(space, tc.search),
         tune_config=tune.TuneConfig(metric=tc.metric, mode=mode_of(tc.metric), search_alg=searcher(cfg),
                                     scheduler=scheduler(cfg, space), num_samples=tc.samples(),
-                                    max_concurrent_trials=concurrency(cfg)["concurrent_trials"], reuse_actors=False),
+                                    # random/grid: the generator caps itself (searcher); Tune caps a Searcher
+                                    max_concurrent_trials=concurrency(cfg)["concurrent_trials"]
+                                    if tc.search == "optuna" else None, reuse_actors=False),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(search_dir.resolve()), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=tc.max_failures),
                                   callbacks=callbacks(cfg)),

@@ -49,7 +49,11 @@ def run_trial(params: dict, *, base: dict, search_dir: str, cwd: str, fault: dic
     with stage_lock(cfg, "train"):  # two trials that drew the same config: the second reuses the first
         summary = train.run(cfg, callbacks=[TuneReportCallback()])
     train_dir = stage_dir(cfg, "train")
-    sel = json.loads((train_dir / "metrics.json").read_text())["selection"]
+    metrics = json.loads((train_dir / "metrics.json").read_text())
+    if summary.get("reused"):  # trained before with this config: the scheduler sees its curve as if trained now
+        for v in metrics.get("val_curve", []):
+            tune.report({"step": v["step"], "val_accuracy": v.get("val_accuracy"), "val_loss": v.get("val_loss")})
+    sel = metrics["selection"]
     tune.report({"step": summary["steps"], "val_accuracy": sel.get("val_accuracy"), "val_loss": sel.get("val_loss"),
                  "selected_step": sel.get("step"), "trial_done": True, "train_reused": bool(summary.get("reused")),
                  "train_dir": str(train_dir), "trial_wall_s": round(time.time() - t0, 2)})
