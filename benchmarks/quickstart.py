@@ -97,6 +97,9 @@ def main() -> int:
         runs.append(r)
         tables.append(rows_of(run_dir, seed))
         print(f"seed {seed}: wall {r['wall_s']:.0f} s, peak {r['peak_gib']:.2f} GiB, {r['lines']} lines of output")
+        for name, row in tables[-1].items():  # as each seed ends: a run cut short keeps what it measured
+            print(f"  {name}: accuracy {row['accuracy'] * 100:.1f}, selected step {row.get('selected_step') or '-'}, "
+                  f"output tokens {row.get('mean_output_tokens') or '-'}", flush=True)
 
     print(f"\nmachine: {platform.machine()}, {psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
           f"no GPU; load average at the end {os.getloadavg()[0]:.1f}")
