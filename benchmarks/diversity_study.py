@@ -34,7 +34,8 @@ def main(argv: list[str]) -> int:
     if proc.returncode != 0:
         print(proc.stdout[-3000:])
         return proc.returncode
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary = next(json.loads(line) for line in reversed(proc.stdout.strip().splitlines())
+                   if line.startswith("{"))  # the command's summary line (a table may follow it)
     search = Path(summary["search_dir"])
     rows = list(csv.DictReader(open(search / "study.csv")))
     base = next((float(r["mean_test_accuracy"]) for r in rows if r["curate.diversity"] == "1"), None)
