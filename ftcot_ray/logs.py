@@ -48,6 +48,8 @@ def setup(run_dir: str | Path | None, command: str, verbose: bool = False) -> Op
     else:
         handler = logging.NullHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if _state.get("handler") is not None:  # a second command in one process: close the first one's file
+        _state["handler"].close()
     _state.update(file=path, handler=handler)
     logging.captureWarnings(True)
     warnings.filterwarnings("default")
