@@ -273,7 +273,7 @@ def test_two_node_job_trains_on_both_nodes_with_the_key_from_the_cluster_environ
     # or any of Ray's session files (logs, runtime env packages) on this cluster.
     needle = teacher["key"].encode()
     info = cluster.client().get_job_info(sub_id)
-    assert teacher["key"] not in logs and teacher["key"] not in json.dumps(info.dict(), default=str)
+    assert teacher["key"] not in logs and teacher["key"] not in json.dumps(info.model_dump(), default=str)
     assert files_containing(run_dir, needle) == []
     assert files_containing(Path(cluster.temp_dir), needle) == []
 
