@@ -172,6 +172,8 @@ class Command:
     options: Callable[[argparse.ArgumentParser], None]
     call: Callable[[Any, argparse.Namespace, Any], int]
     config: str = "required"  # required | optional (report) | none (teacher-sim)
+    # What Ctrl-C leaves, said as the command exits 130.
+    interrupted: str = "interrupted; finished work is kept (training keeps its last checkpoint): re-run the same command to continue."
 
 
 def serve_options(p: argparse.ArgumentParser) -> None:
@@ -217,7 +219,10 @@ COMMANDS: dict[str, Command] = {
     "tune": Command("ftcot_ray.stages.tune", "Ray Tune over lr, D, steps, student on validation; registry of the best",
                     tune_options, call_tune),
     "serve": Command("ftcot_ray.stages.serve", "Ray Serve: students behind an OpenAI-compatible API (chat, completions, SSE)",
-                     serve_options, call_serve),
+                     serve_options, call_serve,
+                     # a second Ctrl-C during the shutdown: nothing to resume, say what is left
+                     interrupted="interrupted; a local Ray started here stops with it (on a cluster, `serve status` "
+                                 "shows whether the application is still up)"),
     "teacher-sim": Command("ftcot_ray.teacher.sim", "local OpenAI-compatible teacher: simulated, replay, fault injection",
                            sim_options, call_sim, config="none"),
     "report": Command("ftcot_ray.stages.report", "report.md + PNG plots for a run folder", report_options, call_report,
@@ -296,12 +301,7 @@ def main(argv: list[str] | None = None, prepare: Callable[[Config], Config] | No
         print(f"ftcot {name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if name == "serve":  # a second Ctrl-C during the shutdown: nothing to resume, say what is left
-            print("ftcot serve: interrupted; a local Ray started here stops with it (on a cluster, `serve status` "
-                  "shows whether the application is still up)", file=sys.stderr)
-        else:
-            print(f"ftcot {name}: interrupted; finished work is kept (training keeps its last checkpoint): "
-                  f"re-run the same command to continue.", file=sys.stderr)
+        print(f"ftcot {name}: {cmd.interrupted}", file=sys.stderr)
         return 130
 
 

@@ -56,7 +56,7 @@ def _note(driver: psutil.Process, known: dict[int, float], sessions: set[str]) -
         pass
 
 
-def _of_sessions(sessions: set[str]) -> list[psutil.Process]:
+def _of_sessions(sessions: set[str] | frozenset[str]) -> list[psutil.Process]:
     """Processes that name one of `sessions` on their command line.
 
     Why: a worker the raylet forked in the last poll before a SIGKILL was never noted, and once the
@@ -85,11 +85,11 @@ def _alive(known: dict[int, float]) -> list[psutil.Process]:
     return out
 
 
-def reap(known: dict[int, float], sessions: set[str] = frozenset()) -> int:
+def reap(known: dict[int, float], sessions: set[str] | frozenset[str] = frozenset()) -> int:
     """Kill what is left of the noted processes, everything they started since, and every process of
     their Ray sessions; returns the count."""
     victims: dict[int, psutil.Process] = {}
-    for p in _alive(known) + _of_sessions(set(sessions)):
+    for p in _alive(known) + _of_sessions(sessions):
         victims[p.pid] = p
         try:
             for c in p.children(recursive=True):

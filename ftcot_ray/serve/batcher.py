@@ -85,9 +85,7 @@ class Batcher:
                         queues[k].put_nowait(_END)
                     else:
                         queues[k].put_nowait(item)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # the batch's requests fail; the loop goes on serving the others
+        except Exception as e:  # the batch's requests fail, the loop serves the others (a cancellation propagates)
             log.exception("a batch failed")
             for k, q in enumerate(queues):
                 if not ended[k]:

@@ -4,9 +4,9 @@ Every request is a `Job` of rows (its n choices) with token ids the ingress alre
 the student's card. The batcher (batcher.py) takes the jobs that queued while the previous batch
 ran, up to `max_batch_size` rows (a request's n choices always decode together), and the batch
 runs as one decoding loop (engine.py). The batch method is an async generator: after every
-forward pass it yields one update per job
-(the new text of its streamed rows, or its final texts), so streamed and non-streamed requests
-share batches, and a streamed request's pieces add up to what the same request returns whole.
+forward pass it yields one update per job (the new text of its streamed rows, or its final texts),
+so streamed and non-streamed requests share batches, and a streamed request's pieces add up to what
+the same request returns whole.
 
 `complete()` and `stream()` are what the ingress calls (through a DeploymentHandle); `stats()`
 reports how full the batches were (the tests check that batching happened).

@@ -50,7 +50,10 @@ def param_space(space: dict[str, Dist], search: str) -> dict:
 
 
 def searcher(cfg: Config):
+    """The search algorithm, capped at the concurrent trials the cluster fits (the one place the cap is set:
+    Tune's TuneConfig.max_concurrent_trials would reach a Searcher only, never the random/grid generator)."""
     tc = cfg.tune
+    cap = concurrency(cfg)["concurrent_trials"]
     if tc.search == "optuna":
         try:
             from ray.tune.search.optuna import OptunaSearch
@@ -58,11 +61,12 @@ def searcher(cfg: Config):
             import optuna  # noqa: F401  (OptunaSearch only fails later, inside the run, without it)
         except ImportError:
             raise ConfigError("tune.search=optuna needs optuna: pip install 'ftcot-ray[tune]'") from None
-        return OptunaSearch(metric=tc.metric, mode=mode_of(tc.metric), seed=tc.seed)
+        from ray.tune.search import ConcurrencyLimiter
+
+        return ConcurrencyLimiter(OptunaSearch(metric=tc.metric, mode=mode_of(tc.metric), seed=tc.seed), cap)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    # Tune applies TuneConfig.max_concurrent_trials only to a Searcher; this generator takes its own cap.
-    return BasicVariantGenerator(random_state=tc.seed, max_concurrent=concurrency(cfg)["concurrent_trials"])
+    return BasicVariantGenerator(random_state=tc.seed, max_concurrent=cap)
 
 
 def scheduler(cfg: Config, space: dict[str, Dist]):
@@ -155,9 +159,7 @@ def tuner(cfg: Config, space: dict[str, Dist], search_dir: Path, resume: bool, f
         param_space=param_space(space, tc.search),
         tune_config=tune.TuneConfig(metric=tc.metric, mode=mode_of(tc.metric), search_alg=searcher(cfg),
                                     scheduler=scheduler(cfg, space), num_samples=tc.samples(),
-                                    # random/grid: the generator caps itself (searcher); Tune caps a Searcher
-                                    max_concurrent_trials=concurrency(cfg)["concurrent_trials"]
-                                    if tc.search == "optuna" else None, reuse_actors=False),
+                                    reuse_actors=False),  # the concurrency cap: searcher()
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(search_dir.resolve()), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=tc.max_failures),
                                   callbacks=callbacks(cfg)),
