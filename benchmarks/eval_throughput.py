@@ -38,7 +38,8 @@ def main() -> None:
 
     from ftcot_ray.config import load_config
     from ftcot_ray.prompts import student_prompt
-    from ftcot_ray.stages.evaluate import evaluate_problems
+    from ftcot_ray.stages.evaluate import evaluate_to
+    from ftcot_ray.tables import read_table, write_table
     from ftcot_ray.student.generate import generate_one, load_student
 
     tmp = Path(tempfile.mkdtemp(prefix="ftcot_eval_bench_"))
@@ -74,10 +75,13 @@ def main() -> None:
            for p in problems]
     ref_s = time.perf_counter() - t0
 
-    # Ours: Ray Data actor pool, batched, left-padded; Ray is started inside the timed region.
+    # Ours: the eval stage's pipeline (Ray Data actor pool, batched, left-padded, predictions written as
+    # shards); Ray is started inside the timed region.
+    write_table(tmp, "problems", [p | {"dataset": "coin_flip"} for p in problems])
     t0 = time.perf_counter()
-    preds, metrics = evaluate_problems(cfg, problems, "ft_cot", folder)
+    _, metrics = evaluate_to(cfg, tmp / "problems.jsonl", "ft_cot", folder, tmp / "eval")
     ours_s = time.perf_counter() - t0
+    preds = read_table(tmp / "eval", "predictions")
 
     by_index = {p["sample_index"]: p for p in preds}
     mismatches = sum(by_index[p["sample_index"]]["output"] != r.text for p, r in zip(problems, ref))

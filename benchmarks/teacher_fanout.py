@@ -7,10 +7,11 @@ Each "request" is one HTTP call; a row is two (the paper's step 1 and step 2), s
 1,000 rows. Measured side by side in one run, against the same sim process (replay mode, its own
 process), at each level of requests in flight:
 
-* ours: `ftcot_ray.teacher.fanout.fan_out` (Ray Data, async actors, cache writes, gate actor) in
-  three figures: wall time including `ray.init` (a fresh local Ray per level, what a user waits
-  for), wall time after `ray.init` (the Ray Data part, actor start-up included), and steady state
-  (first to last request as the sim saw them: what a long run gets);
+* ours: the teach stage (`ftcot_ray.stages.teach.run`: the Ray Data fan-out over an actor pool of
+  async workers, the answer store, the gate actor, the Parquet shards) in three figures: wall time
+  including `ray.init` (a fresh local Ray per level, what a user waits for), wall time after
+  `ray.init` (the Ray Data part, actor start-up included), and steady state (first to last request
+  as the sim saw them: what a long run gets);
 * the ideal: in flight / latency;
 * the aiohttp ceiling: a bare asyncio loop over one pooled aiohttp session, no Ray, no cache: what
   one process on this machine can send (the client of choice since issue 14);
@@ -37,7 +38,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from ftcot_ray.config import TeacherConfig, TeacherSimConfig  # noqa: E402
 from ftcot_ray.io import write_jsonl  # noqa: E402
 from ftcot_ray.prompts import answer_prompt, reasoning_prompt  # noqa: E402
-from ftcot_ray.teacher.sim import running_sim, sim_endpoint_id  # noqa: E402
+from ftcot_ray.teacher.sim import running_sim  # noqa: E402
 
 MODEL = "ftcot-sim-teacher"
 
@@ -86,29 +87,36 @@ class FirstRequest:
         self.thread.join(2)
 
 
-def ours(base_url: str, endpoint_id: str, rows: list[dict], concurrency: int, tmp: Path) -> dict:
+def ours(base_url: str, rows: list[dict], concurrency: int, tmp: Path) -> dict:
+    """The teach stage on `rows` (a data-stage folder written here), from a fresh local Ray."""
     import ray
 
-    from ftcot_ray.endpoint import Secret
-    from ftcot_ray.teacher.fanout import fan_out
+    from ftcot_ray.artifacts import finish, stage_dir
+    from ftcot_ray.config import load_config
+    from ftcot_ray.stages import teach
+    from ftcot_ray.tables import write_table
 
-    tcfg = TeacherConfig(model=MODEL, concurrency=concurrency, timeout_s=60)
+    run = tmp / f"run-{concurrency}-{time.time_ns()}"
+    cfg = load_config("quickstart", {"run_dir": str(run), "data.dataset": "bench", "data.answer_format": "number_exact",
+                                     "teacher.base_url": base_url, "teacher.model": MODEL, "teacher.samples": 1,
+                                     "teacher.concurrency": concurrency, "teacher.timeout_s": 60,
+                                     "pipeline.diversity": [1], "resources.num_cpus": 4})
+    folder = stage_dir(cfg, "data")
+    finish(folder, cfg, "data", tables={"problems": write_table(folder, "problems", [r | {"dataset": "bench"} for r in rows])})
     watch = FirstRequest(base_url)
     t0 = time.time()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 1024**2)
     t_ray = time.time() - t0
-    out, stats = fan_out(rows, tcfg, base_url=base_url, endpoint_id=endpoint_id, secret=Secret("x"),
-                         cache_dir=str(tmp / f"cache-{concurrency}-{time.time_ns()}"), progress=False)
+    summary = teach.run(cfg, progress=False)
     wall = time.time() - t0
     last = watch.last_answer()
     watch.close()
     ray.shutdown()
-    steady = stats["requests"] / max(1e-9, last - (watch.at or t0))
-    errors = sum(1 for r in out if r["error"])
-    return {"requests": stats["requests"], "wall_s": wall, "ray_init_s": t_ray, "rps": stats["requests"] / wall,
-            "rps_after_init": stats["requests"] / (wall - t_ray), "rps_steady": steady,
-            "first_request_after_init_s": (watch.at or t0) - t0 - t_ray, "errors": errors, "rows": len(out),
-            "plan": stats.get("plan")}
+    steady = summary["requests"] / max(1e-9, last - (watch.at or t0))
+    return {"requests": summary["requests"], "wall_s": wall, "ray_init_s": t_ray, "rps": summary["requests"] / wall,
+            "rps_after_init": summary["requests"] / (wall - t_ray), "rps_steady": steady,
+            "first_request_after_init_s": (watch.at or t0) - t0 - t_ray, "errors": summary["errors"],
+            "rows": summary["rows"], "plan": summary.get("fan_out")}
 
 
 def loop(base_url: str, rows: list[dict], concurrency: int, client: str) -> dict:
@@ -182,7 +190,7 @@ def main() -> int:
         with running_sim(settings, subprocess_mode=True) as base_url:
             for c in levels:
                 rows = all_rows if c > 1 else all_rows[: args.c1_requests // 2]
-                o = results["ours"][c] = ours(base_url, sim_endpoint_id(settings), rows, c, tmp)
+                o = results["ours"][c] = ours(base_url, rows, c, tmp)
                 print(f"  ours     c={c:<4} {o['rps']:8.1f} req/s incl. ray.init ({o['ray_init_s']:.1f} s), "
                       f"{o['rps_after_init']:8.1f} after it, {o['rps_steady']:8.1f} steady "
                       f"(first request {o['first_request_after_init_s']:.1f} s after ray.init; errors {o['errors']})",

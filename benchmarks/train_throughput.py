@@ -81,15 +81,14 @@ def hf_trainer(tmp: Path, args) -> dict:
     import torch
     from transformers import Trainer, TrainingArguments
 
-    from ftcot_ray.stages.train import encode_splits
-    from ftcot_ray.student.data import batch_tokens, collate
+    from ftcot_ray.student.data import batch_tokens, collate, encode_pairs
     from ftcot_ray.student.model import build_model
     from ftcot_ray.student.tokenizer import pair_texts, train_tokenizer
 
     cfg = make_config(tmp, args, 0)
     rows = coin_pairs(args.pairs)
     tok = train_tokenizer(pair_texts(rows + rows), cfg.student.vocab_size)  # as the stage does (both pair files)
-    train_enc, _ = encode_splits(cfg, tok, [r for r in rows if r["split"] == "train"], [], Path("bench"))
+    train_enc = encode_pairs([r for r in rows if r["split"] == "train"], tok, "decoder", cfg.train.max_length)
     torch.manual_seed(0)
     model = build_model(cfg.student, tok, cfg.train.max_length)
     counted = {"tokens": 0}

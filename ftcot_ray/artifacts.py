@@ -37,8 +37,9 @@ from typing import Any, Callable, Iterable, Optional
 
 from . import storage
 from .config import SECTION_STAGE, Config, dump_config, result_material
-from .errors import RunDirError, StageInputMissing
-from .schemas import file_sha256, read_table, table, write_table
+from .errors import FtcotError, RunDirError, StageInputMissing
+from .schemas import file_sha256, table
+from .tables import check_entry, read_table, write_table
 
 __all__ = ["MANIFEST", "STAGES", "StageInputMissing", "Stage", "open_stage", "stage_key", "stage_dir",
            "is_complete", "verify", "require", "finish", "read_manifest", "write_json", "digest"]
@@ -64,7 +65,10 @@ _HASHES: dict[tuple, str] = {}
 
 
 def content_digest(path: Path | str) -> str:
-    """sha256 of a file, or of a folder's files (names and contents); 'missing' when absent."""
+    """sha256 of a file, or of a folder's files (names and contents); 'missing' when absent. An object in
+    storage (a URI) is known by its size and modification time (reading it to hash would cost a download)."""
+    if storage.is_uri(path):
+        return storage.identity(str(path))
     path = Path(path)
     if path.is_file():
         st = path.stat()
@@ -93,8 +97,15 @@ def folder_identity(path: Path | str) -> str:
 def derived_material(cfg: Config, stage: str) -> dict:
     """What path-valued result fields point at: a file's content, not only its name."""
     if stage == "data" and cfg.data.source:
-        from .tasks.custom import source_files
+        from .tasks.custom import is_custom, source_files, source_listing
 
+        if is_custom(cfg.data):  # your own data: one listing (objects in storage by size and time, from it)
+            try:
+                listing = source_listing(str(cfg.data.source))
+            except (FtcotError, OSError):  # the stage itself says what is missing, and where
+                return {"source_content": [f"missing:{cfg.data.source}"]}
+            return {"source_content": [f"bytes:{size}:mtime:{mtime}" if storage.is_uri(p) else content_digest(p)
+                                       for p, size, mtime in listing]}
         return {"source_content": [content_digest(p) for p in source_files(cfg.data)]}
     if stage == "eval":
         named = cfg.eval.baseline_model or cfg.eval.student
@@ -189,6 +200,10 @@ def verify(path: Path | str) -> Optional[str]:
         return "has an unreadable manifest.json"
     if manifest.get("complete") is not True:
         return "is unfinished (manifest not complete)"
+    for entry in (manifest.get("tables") or {}).values():  # shards in a bucket: listed, sizes compared
+        problem = check_entry(entry)
+        if problem:
+            return f"is damaged: {problem}"
     for rel, want in (manifest.get("files") or {}).items():
         p = path / rel
         if not p.is_file():
@@ -297,6 +312,12 @@ class Stage:
 
     def write(self, name: str, rows: list[dict]) -> None:
         self.tables[name] = write_table(self.prepare(), name, rows)
+
+    def target(self) -> Path | str:
+        """Where this stage's Parquet tables go (and are read back from): its folder, or, when the run
+        folder is a bucket, the same place in the bucket (Ray Data's write tasks may run on any node)."""
+        self.prepare()
+        return remote_of(self.cfg, self.out) or self.out
 
     def write_json(self, filename: str, obj: Any) -> Path:
         write_json(self.prepare() / filename, obj)

@@ -49,6 +49,9 @@ def teach_options(p: argparse.ArgumentParser) -> None:
     stage_options("teach", "data-stage folder (default: the config's)")(p)
     p.add_argument("--retry-errors", action="store_true", help="re-ask the rows of a finished run that ended with an error")
     p.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    p.add_argument("--migrate-cache", action="store_true",
+                   help="move a per-answer teacher cache (written before 2026-12) into blocks, and stop "
+                        "(a run does this by itself the first time it meets one)")
     p.add_argument("--dry-run", action="store_true",
                    help="print requests, tokens and dollars per step (for D_max and each D) and send nothing; "
                         "with teacher.pilot=N, N questions are answered for real first")
@@ -88,6 +91,9 @@ def call_teach(module, args: argparse.Namespace, cfg: Config) -> int:
         return _teach_import(args)
     from .teacher.fanout import format_figures
 
+    if args.migrate_cache:
+        print_summary(module.migrate(cfg))
+        return 0
     if args.dry_run:
         plan = module.project(cfg, args.inp)
         logs.say(module.projection_text(plan))
@@ -208,7 +214,7 @@ COMMANDS: dict[str, Command] = {
                    run_options, call_run),
     "data": Command("ftcot_ray.stages.data", "load a benchmark or generate a synthetic task: problems table + split",
                     data_options, call_data),
-    "teach": Command("ftcot_ray.stages.teach", "zero-shot-CoT teacher completions over an OpenAI-compatible API (Ray actors, or the Batch API)",
+    "teach": Command("ftcot_ray.stages.teach", "zero-shot-CoT teacher completions over an OpenAI-compatible API (Ray Data fan-out, or the Batch API)",
                      teach_options, call_teach),
     "curate": Command("ftcot_ray.stages.curate", "grade rationales, keep correct ones, format training pairs",
                       stage_options("curate", "teach output folder (default: this config's)"), call_stage),

@@ -129,6 +129,7 @@ class TeacherSimConfig(_Section):
     rate_timeout: float = runtime(0.0, ge=0, le=1, description="share of requests that hang for hang_s")
     hang_s: float = runtime(30.0, ge=0, description="how long a 'timeout' fault hangs (longer than the client's timeout)")
     rate_malformed: float = runtime(0.0, ge=0, le=1, description="share of requests answered with a broken 200 body")
+    fail_429_at: Optional[int] = runtime(None, ge=1, description="answer the N-th completion request with a 429")
     require_key_env: Optional[str] = runtime(None, description="check each request's bearer key against $NAME")
     batch_delay_s: float = runtime(1.0, ge=0, description="Batch API: seconds a batch runs (its lines finish evenly over it)")
     batch_expire_s: Optional[float] = runtime(
@@ -181,11 +182,17 @@ class TeacherConfig(EndpointConfig):
     # sync: requests as the fan-out goes; batch: the OpenAI Batch API (upload, poll, download; its
     # price). Batch answers land in the same content-addressed cache as synchronous ones.
     mode: Literal["sync", "batch"] = runtime("sync")
-    num_actors: Optional[int] = runtime(None, ge=1)  # fan-out actors; default: sized to the CPUs Ray has
-    actor_cpus: float = runtime(0.25, ge=0)  # logical CPUs each fan-out actor claims (it mostly waits on I/O)
-    # Rows per chunk handed to a fan-out actor (granularity of progress and output, not of speed: each actor runs as
-    # many chunks at once as it takes to keep teacher.concurrency requests in flight).
-    batch_size: int = runtime(16, ge=1)
+    # The fan-out's Ray Data actor pool: at most this many async workers (default: sized to the CPUs Ray has
+    # and teacher.concurrency), each claiming actor_cpus logical CPUs (it mostly waits on I/O).
+    num_actors: Optional[int] = runtime(None, ge=1)
+    actor_cpus: float = runtime(0.25, ge=0)
+    # Questions per Ray Data batch handed to a worker (granularity of progress and output, not of speed: each
+    # worker holds as many batches at once as it takes to keep its share of teacher.concurrency in flight).
+    batch_size: int = runtime(64, ge=1)
+    # Answers are stored in blocks of this many (one object each), or sooner after cache_flush_s seconds;
+    # until then each lives in its worker's journal on local disk (teacher/answers.py).
+    cache_block_rows: int = runtime(512, ge=1)
+    cache_flush_s: float = runtime(30.0, gt=0)
     rpm: Optional[int] = runtime(None, ge=1)  # whole-job requests/min
     tpm: Optional[int] = runtime(None, ge=1)  # whole-job tokens/min
     # A stopped-by-budget stage re-opens when the budget is raised (stages/teach.py), so no re-key.
@@ -277,6 +284,9 @@ class TrainConfig(_Section):
     checkpoint_every_steps: Optional[int] = runtime(None, ge=1)  # default: at every validation
     storage_path: Optional[str] = runtime(None)  # Ray Train storage (a shared path/URI on clusters); default <out>/ray_train
     keep_checkpoints: int = runtime(2, ge=1)  # Ray Train checkpoints kept (the best and the latest always are)
+    # Examples a worker holds at once: it streams the tokenized table and keeps those of the next steps that
+    # fit (student/data.py, ExampleWindow); a smaller window streams the table more often.
+    window_examples: int = runtime(65536, ge=1)
     log_every: Optional[int] = runtime(None, ge=1)  # train-loss logging cadence in steps; default ~50 points per run
     # DeepSpeed JIT-compiles a shared-memory all-reduce op on CPU (~40 s) that only its inference
     # all-reduce uses; training never needs it, so CPU runs skip it unless asked for.

@@ -1,7 +1,9 @@
 """Curate the teacher's completions: grade, filter, carve a validation split, format training pairs.
 
 Plain functions on records (the completions table of the teach stage), unit-tested without Ray;
-``stages/curate.py`` only wires files to them.
+``stages/curate.py`` runs them over Ray Data batches. What crosses batches is kept small: a
+`ProblemIndex` (per question: its split and a hash of its text, 9 bytes) and per-batch counters
+(`batch_counts`), added up on the driver.
 
 Fine-tune-CoT keeps a rationale only when the teacher's answer is correct, and formats it with the
 GOLD answer (the authors' ``Formatter``: ``" {reasoning_completion.strip()} --> {answer.strip()}"``,
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Iterable
+from typing import Iterable, Optional
 
 import numpy as np
 
@@ -91,18 +93,6 @@ def mark_duplicates(rows: list[dict]) -> None:
             seen.add(key)
 
 
-def curate_rows(rows: Iterable[dict], task: Task, diversity: int, drop_truncated: bool = True, dedup: bool = False) -> list[dict]:
-    """Completions (sample_idx < D) + prediction, correct, kept, reject_reason; sorted by question, sample."""
-    out = []
-    for row in within_diversity(rows, diversity):
-        graded = grade(row, task)
-        reason = first_reject_reason(graded, drop_truncated)
-        out.append(graded | {"kept": reason is None, "reject_reason": reason})
-    if dedup:
-        mark_duplicates(out)
-    return sorted(out, key=lambda r: (int(r["sample_index"]), int(r["sample_idx"])))
-
-
 # --------------------------------------------------------------------------- validation split
 
 
@@ -119,41 +109,11 @@ def carve_val(train_indices: Iterable[int], val_fraction: float, val_seed: int) 
     return [i for i in train if i not in val_set], val
 
 
-def with_val_split(problems: list[dict], val_fraction: float, val_seed: int) -> list[dict]:
-    """problems with a val split carved out of train; test stays test."""
-    _, val = carve_val((p["sample_index"] for p in problems if p["split"] == "train"), val_fraction, val_seed)
-    val_set = set(val)
-    return [p | {"split": "val"} if p["sample_index"] in val_set else dict(p) for p in problems]
-
-
-def apply_splits(rows: list[dict], problems: list[dict]) -> list[dict]:
-    """Each completion row takes its question's split from the (carved) problems table."""
-    split_of = {int(p["sample_index"]): p["split"] for p in problems}
-    return [r | {"split": split_of.get(int(r["sample_index"]), r["split"])} for r in rows]
-
-
 def problems_from_completions(rows: list[dict], dataset: str) -> list[dict]:
-    """The problems table rebuilt from completions (one per question) when no data stage is at hand."""
-    by_index: dict[int, dict] = {}
-    for r in rows:
-        i = int(r["sample_index"])
-        by_index.setdefault(i, {"sample_index": i, "question": r["question"], "answer": r["answer"],
-                                "split": r["split"], "dataset": dataset})
-    return [by_index[i] for i in sorted(by_index)]
-
-
-def check_problems_match(problems: list[dict], rows: list[dict], where: str) -> None:
-    """The completions were made for these problems (same question text per sample_index)."""
-    question_of = {int(p["sample_index"]): p["question"] for p in problems}
-    for r in rows:
-        i = int(r["sample_index"])
-        if i not in question_of:
-            raise DataError(f"{where}: completion for sample_index {i} has no problem in the data stage's problems table")
-        if question_of[i].strip() != str(r["question"]).strip():
-            raise DataError(
-                f"{where}: sample_index {i}: the completion's question differs from the data stage's "
-                f"(teach and data were run with different data configs?)"
-            )
+    """Problems rebuilt from completions when no problems table is at hand: each question's sample 0
+    (every question has one, so any batch of the completions gives each question once)."""
+    return [{"sample_index": int(r["sample_index"]), "question": r["question"], "answer": r["answer"],
+             "split": r["split"], "dataset": dataset} for r in rows if int(r["sample_idx"]) == 0]
 
 
 # --------------------------------------------------------------------------- training pairs
@@ -206,40 +166,186 @@ def vanilla_pairs(problems: Iterable[dict], family: str) -> list[dict]:
     ]
 
 
-# --------------------------------------------------------------------------- stats and the empty case
+# --------------------------------------------------------------------------- over batches (the stage's Ray Data maps)
 
 
-def _accuracy(rows: list[dict]) -> float | None:
-    # Rows with an API error carry no answer of the teacher's: counted apart, not as wrong.
-    answered = [r for r in rows if r.get("error") is None]
-    return round(sum(bool(r["correct"]) for r in answered) / len(answered), 4) if answered else None
+SPLIT_CODES = ("train", "val", "test")
 
 
-def curation_stats(curated: list[dict], problems: list[dict], n_ft_cot: int, n_vanilla: int, diversity: int,
-                   n_step_by_step: int = 0) -> dict:
-    train_rows = [r for r in curated if r["split"] in TRAIN_SPLITS]
-    kept = [r for r in train_rows if r["kept"]]
-    train_questions = [p for p in problems if p["split"] in TRAIN_SPLITS]
-    covered = {int(r["sample_index"]) for r in kept}
+def question_hash(question: str) -> int:
+    """64 bits of the question's text, stripped: what says a completion belongs to a problem."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(str(question).strip().encode(), digest_size=8).digest(), "little") >> 1
+
+
+class ProblemIndex:
+    """Per question (sorted sample_index): its split code and its text's hash, as numpy arrays: what a
+    grading batch needs of the problems table (about 17 bytes a question, shared through the object store)."""
+
+    def __init__(self, indices, splits, hashes):
+        self.indices, self.splits, self.hashes = indices, splits, hashes
+
+    @classmethod
+    def of(cls, rows) -> "ProblemIndex":
+        """From an iterable of problem rows (streamed: a batch at a time)."""
+        import numpy as np
+
+        idx, spl, hsh = [], [], []
+        for r in rows:
+            idx.append(int(r["sample_index"]))
+            spl.append(SPLIT_CODES.index(r["split"]) if r["split"] in SPLIT_CODES else -1)
+            hsh.append(question_hash(r["question"]))
+        order = np.argsort(np.asarray(idx, dtype=np.int64), kind="stable")
+        return cls(np.asarray(idx, dtype=np.int64)[order], np.asarray(spl, dtype=np.int8)[order],
+                   np.asarray(hsh, dtype=np.int64)[order])
+
+    def with_val(self, val_fraction: float, val_seed: int) -> "ProblemIndex":
+        """The same questions with a val split carved out of train (`carve_val`)."""
+        import numpy as np
+
+        _, val = carve_val(self.indices[self.splits == 0].tolist(), val_fraction, val_seed)
+        splits = self.splits.copy()
+        splits[np.searchsorted(self.indices, np.asarray(val, dtype=np.int64))] = 1
+        return ProblemIndex(self.indices, splits, self.hashes)
+
+    def lookup(self, sample_index: int) -> tuple[Optional[str], Optional[int]]:
+        """(split, question hash) of a question, or (None, None) when it is not in the table."""
+        import numpy as np
+
+        i = int(np.searchsorted(self.indices, sample_index))
+        if i >= len(self.indices) or self.indices[i] != sample_index:
+            return None, None
+        code = int(self.splits[i])
+        return (SPLIT_CODES[code] if code >= 0 else None), int(self.hashes[i])
+
+    def counts(self) -> dict[str, int]:
+        import numpy as np
+
+        return {SPLIT_CODES[c]: int(n) for c, n in zip(*np.unique(self.splits, return_counts=True)) if c >= 0}
+
+
+def grade_batch(rows: list[dict], task: Task, diversity: int, drop_truncated: bool = True,
+                problems: Optional[ProblemIndex] = None, where: str = "completions") -> list[dict]:
+    """The first `diversity` samples of each question + prediction, correct, kept, reject_reason
+    (duplicates are marked apart: `mark_duplicates`). With `problems`, each row takes its question's
+    (carved) split, and a completion whose question the problems table does not hold, or holds with
+    other text, is an error naming it."""
+    out = []
+    for row in within_diversity(rows, diversity):
+        split = check_question(row, problems, where) if problems is not None else row["split"]
+        graded = grade(row, task)
+        reason = first_reject_reason(graded, drop_truncated)
+        out.append(graded | {"kept": reason is None, "reject_reason": reason, "split": split or row["split"]})
+    return out
+
+
+def check_question(row: dict, problems: ProblemIndex, where: str) -> str:
+    """The (carved) split of a completion's question; an error when the problems table lacks it or
+    holds another text under its sample_index (teach and data run with different data configs)."""
+    split, h = problems.lookup(int(row["sample_index"]))
+    if h is None:
+        raise DataError(f"{where}: completion for sample_index {row['sample_index']} has no problem in the data "
+                        "stage's problems table")
+    if h != question_hash(row["question"]):
+        raise DataError(f"{where}: sample_index {row['sample_index']}: the completion's question differs from the "
+                        "data stage's (teach and data were run with different data configs?)")
+    return split or row["split"]
+
+
+def batch_counts(rows: list[dict]) -> dict:
+    """The counters `curation_stats` adds up, for one batch of curated rows (sorted by question): which
+    questions have a kept train/val rationale are given as the batch's first and last such question and
+    the count of distinct ones, so a question cut across two batches is counted once (`add_counts`)."""
+    c: Counter = Counter()
+    kept_questions = []
+    for r in rows:
+        group = "train" if r["split"] in TRAIN_SPLITS else r["split"]
+        c["rows"] += 1
+        if r.get("error") is None:
+            c[f"answered_{group}"] += 1
+            c[f"correct_{group}"] += bool(r["correct"])
+        if r["reject_reason"] is not None:
+            c[f"reject_{r['reject_reason']}"] += 1
+        if r["kept"]:
+            c[f"kept_{r['split']}"] += 1
+            if r["split"] in TRAIN_SPLITS and (not kept_questions or kept_questions[-1] != int(r["sample_index"])):
+                kept_questions.append(int(r["sample_index"]))
+        if r["split"] in TRAIN_SPLITS:
+            c[f"train_{r['reject_reason'] or 'kept'}"] += 1
+    return {"counts": dict(c), "kept_questions": len(kept_questions),
+            "first": kept_questions[0] if kept_questions else None, "last": kept_questions[-1] if kept_questions else None}
+
+
+def add_counts(parts: list[dict]) -> tuple[Counter, int]:
+    """(summed counters, questions with a kept train/val rationale) from `batch_counts` in table order."""
+    total: Counter = Counter()
+    questions, last = 0, None
+    for p in parts:
+        total.update(p["counts"])
+        questions += p["kept_questions"] - (1 if p["first"] is not None and p["first"] == last else 0)
+        last = p["last"] if p["last"] is not None else last
+    return total, questions
+
+
+def key_order(rows: list[dict]) -> dict:
+    """A batch's first and last (sample_index, sample_idx) and how often a key is smaller than the one before."""
+    keys = [(int(r["sample_index"]), int(r["sample_idx"])) for r in rows]
+    return {"first": keys[0] if keys else None, "last": keys[-1] if keys else None,
+            "backwards": sum(a > b for a, b in zip(keys, keys[1:]))}
+
+
+def in_question_order(parts: list[dict]) -> bool:
+    """Whether batches described by `key_order`, in table order, make a table sorted by question, then sample."""
+    last = None
+    for p in parts:
+        if p["backwards"] or (last is not None and p["first"] is not None and tuple(p["first"]) < tuple(last)):
+            return False
+        last = p["last"] if p["last"] is not None else last
+    return True
+
+
+def stats_from_counts(c: Counter, questions_with_kept: int, problem_splits: dict[str, int], pairs: dict,
+                      diversity: int) -> dict:
+    """`curation_stats`, from counters (the stage never holds the rows)."""
+    def acc(group: str) -> Optional[float]:
+        n = c.get(f"answered_{group}", 0)
+        return round(c.get(f"correct_{group}", 0) / n, 4) if n else None
+
+    answered_all = sum(c.get(f"answered_{g}", 0) for g in ("train", "test"))
+    correct_all = sum(c.get(f"correct_{g}", 0) for g in ("train", "test"))
+    train_questions = sum(problem_splits.get(s, 0) for s in TRAIN_SPLITS)
+    kept = sum(c.get(f"kept_{s}", 0) for s in TRAIN_SPLITS)
     return {
         "diversity": diversity,
-        "rows": len(curated),
-        # Over every completion with sample_idx < D; "train" includes the carved val questions.
-        "teacher_accuracy": {
-            "train": _accuracy(train_rows),
-            "test": _accuracy([r for r in curated if r["split"] == "test"]),
-            "all": _accuracy(curated),
-        },
-        "kept_rows": len(kept),
-        "kept_by_split": dict(Counter(r["split"] for r in kept)),
-        "train_questions": len(train_questions),
-        "questions_with_kept": len(covered),
-        # Kept rationales per training question (questions with none count as 0).
-        "mean_kept_per_question": round(len(kept) / len(train_questions), 4) if train_questions else 0.0,
-        "rejects": {reason: sum(r["reject_reason"] == reason for r in curated) for reason in REJECT_REASONS},
-        "splits": dict(Counter(p["split"] for p in problems)),
-        "pairs": {"ft_cot": n_ft_cot, "vanilla": n_vanilla, "step_by_step": n_step_by_step},
+        "rows": c.get("rows", 0),
+        "teacher_accuracy": {"train": acc("train"), "test": acc("test"),
+                             "all": round(correct_all / answered_all, 4) if answered_all else None},
+        "kept_rows": kept,
+        "kept_by_split": {s: c[f"kept_{s}"] for s in TRAIN_SPLITS if c.get(f"kept_{s}")},
+        "train_questions": train_questions,
+        "questions_with_kept": questions_with_kept,
+        "mean_kept_per_question": round(kept / train_questions, 4) if train_questions else 0.0,
+        "rejects": {reason: c.get(f"reject_{reason}", 0) for reason in REJECT_REASONS},
+        "splits": dict(problem_splits),
+        "pairs": pairs,
     }
+
+
+def check_kept(c: Counter, where: str) -> None:
+    """No kept training rationale -> an error that names the cause (the most common reject reason)."""
+    if sum(c.get(f"kept_{s}", 0) for s in TRAIN_SPLITS):
+        return
+    reasons = Counter({r: c.get(f"train_{r}", 0) for r in REJECT_REASONS if c.get(f"train_{r}", 0)})
+    n = sum(reasons.values())
+    if not n:
+        raise DataError(f"{where}: no completions of training questions (teacher.splits must include 'train')")
+    top, _ = reasons.most_common(1)[0]
+    counts = ", ".join(f"{k}={v}" for k, v in reasons.most_common())
+    raise DataError(f"{where}: no rationale kept of {n} training completions ({counts}): {_HINTS[top]}")
+
+
+# --------------------------------------------------------------------------- stats and the empty case
 
 
 _HINTS = {
@@ -253,13 +359,4 @@ _HINTS = {
 
 def check_some_kept(curated: list[dict], where: str) -> None:
     """No kept training rationale -> an error that names the cause (the most common reject reason)."""
-    train_rows = [r for r in curated if r["split"] in TRAIN_SPLITS]
-    if any(r["kept"] for r in train_rows):
-        return
-    if not train_rows:
-        raise DataError(f"{where}: no completions of training questions (teacher.splits must include 'train')")
-    reasons = Counter(r["reject_reason"] for r in train_rows)
-    top, _ = reasons.most_common(1)[0]
-    counts = ", ".join(f"{k}={v}" for k, v in reasons.most_common())
-    raise DataError(f"{where}: no rationale kept of {len(train_rows)} training completions ({counts}): {_HINTS[top]}")
-
+    check_kept(Counter(batch_counts(curated)["counts"]), where)

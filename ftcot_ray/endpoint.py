@@ -31,6 +31,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional, Protocol, TypeVar
 
+from . import __version__
+
 T = TypeVar("T")
 RETRIED_STATUS = {408, 409, 429}  # and every 5xx
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -220,7 +222,11 @@ class Endpoint:
         if self._session is None:
             import aiohttp
 
-            headers = {}
+            import os
+
+            # Who is asking, as a client says (the SDKs send theirs): the process, so one worker's traffic
+            # can be told from another's in a server's logs.
+            headers = {"User-Agent": f"ftcot-ray/{__version__} (pid {os.getpid()})"}
             if self.secret is not None and self.secret.get():
                 headers["Authorization"] = f"Bearer {self.secret.get()}"
             # One keep-alive connection per slot: re-opening sockets at 256 in flight costs more than the requests.

@@ -25,7 +25,6 @@ from typing import Iterable, Optional, Sequence
 
 from . import prompts
 from .tasks import answers
-from .io import read_jsonl
 
 MARKERS: dict[str, Optional[str]] = {
     "ft_cot": prompts.FT_COT_MARKER,
@@ -187,55 +186,89 @@ def grade_row(task, row: dict, method: str, require_marker: bool = True) -> dict
     return out
 
 
-def grade_rows(task, rows: Iterable[dict], method: str, require_marker: bool = True) -> list[dict]:
-    return [grade_row(task, r, method, require_marker) for r in rows]
+def grade_batch(rows: Iterable[dict], task, method: str, require_marker: bool = True) -> list[dict]:
+    """Predictions rows of a batch of generated rows (a replica's timing, when given, carried along)."""
+    out = []
+    for r in rows:
+        graded = grade_row(task, r, method, require_marker)
+        if r.get("gen_seconds") is not None:
+            graded["gen_seconds"] = float(r["gen_seconds"])
+        out.append(graded)
+    return out
 
 
-def compute_metrics(predictions: Sequence[dict], k: int = 1) -> dict:
-    """accuracy (at k when k > 1), counts, well-formed share, mean output tokens."""
-    n = len(predictions)
-    correct = sum(bool(p["correct"]) for p in predictions)
+def batch_metrics(predictions: Sequence[dict], k: int = 1) -> dict:
+    """The counts `metrics_from_parts` adds up, for one batch of predictions."""
     toks = [p["output_tokens"] for p in predictions if p.get("output_tokens") is not None]
+    return {"n": len(predictions), "correct": sum(bool(p["correct"]) for p in predictions),
+            "well_formed": sum(bool(p["well_formed"]) for p in predictions), "tokens": sum(toks),
+            "tokens_n": len(toks), "correct_at_1": sum(bool(p.get("correct_at_1")) for p in predictions) if k > 1 else 0,
+            "errors": sum(p.get("error") is not None for p in predictions),
+            "gen_seconds": sum(p.get("gen_seconds") or 0.0 for p in predictions)}
+
+
+def metrics_from_parts(parts: Sequence[dict], k: int = 1) -> dict:
+    """accuracy (at k when k > 1), counts, well-formed share, mean output tokens, from `batch_metrics`."""
+    total = {key: sum(p[key] for p in parts) for key in ("n", "correct", "well_formed", "tokens", "tokens_n",
+                                                          "correct_at_1")}
+    n = total["n"]
     m = {
-        "accuracy": correct / n if n else 0.0,
+        "accuracy": total["correct"] / n if n else 0.0,
         "n": n,
-        "correct": correct,
-        "well_formed": sum(bool(p["well_formed"]) for p in predictions) / n if n else 0.0,
-        "mean_output_tokens": sum(toks) / len(toks) if toks else None,
+        "correct": total["correct"],
+        "well_formed": total["well_formed"] / n if n else 0.0,
+        "mean_output_tokens": total["tokens"] / total["tokens_n"] if total["tokens_n"] else None,
         "k": k,
     }
     if k > 1:
-        at1 = sum(bool(p.get("correct_at_1")) for p in predictions)
+        at1 = total["correct_at_1"]
         m |= {"accuracy_at_1": at1 / n if n else 0.0, "accuracy_at_k": m["accuracy"], "correct_at_1": at1}
     return m
+
+
+def compute_metrics(predictions: Sequence[dict], k: int = 1) -> dict:
+    return metrics_from_parts([batch_metrics(predictions, k)], k)
 
 
 # --------------------------------------------------------------------------- teacher row
 
 
 def teacher_metrics(curate_dir: str | Path, split: str = "test") -> dict:
-    """The teacher's own accuracy on `split`, from the curate stage's curated.jsonl (first sample per question,
-    sample_idx 0, i.e. its greedy / first answer; a failed API call counts as wrong)."""
-    path = Path(curate_dir) / "curated.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no curated table; run `ftcot curate` first")
-    rows = [r for r in read_jsonl(path) if r.get("split") == split and int(r.get("sample_idx", 0)) == 0]
-    if not rows:
-        raise ValueError(f"{path}: no teacher completions for split {split!r} (teacher.splits must include it)")
-    n = len(rows)
-    correct = sum(bool(r.get("correct")) for r in rows)
-    toks = [r["completion_tokens"] for r in rows if isinstance(r.get("completion_tokens"), (int, float))]
+    """The teacher's own accuracy on `split`, from the curate stage's curated table (first sample per
+    question, sample_idx 0, i.e. its greedy / first answer; a failed API call counts as wrong), streamed."""
+    from .tables import has_table, iter_table, table_path
+
+    if not has_table(curate_dir, "curated"):
+        raise FileNotFoundError(f"{table_path(curate_dir, 'curated')}: no curated table; run `ftcot curate` first")
+    columns = ("split", "sample_idx", "correct")  # the rest is read when there (.get)
+    n = correct = well_formed = errors = tokens = tokens_n = 0
+    model = None
+    for batch in iter_table(curate_dir, "curated", columns):
+        for r in batch:
+            if r.get("split") != split or int(r.get("sample_idx", 0)) != 0:
+                continue
+            n += 1
+            correct += bool(r.get("correct"))
+            well_formed += r.get("prediction") is not None
+            errors += r.get("error") is not None
+            model = model or r.get("model")
+            if isinstance(r.get("completion_tokens"), (int, float)):
+                tokens += r["completion_tokens"]
+                tokens_n += 1
+    if not n:
+        raise ValueError(f"{table_path(curate_dir, 'curated')}: no teacher completions for split {split!r} "
+                         "(teacher.splits must include it)")
     return {
         "method": "teacher",
-        "student": rows[0].get("model"),
+        "student": model,
         "split": split,
         "dataset": _curate_dataset(Path(curate_dir)),
         "accuracy": correct / n,
         "n": n,
         "correct": correct,
-        "well_formed": sum(r.get("prediction") is not None for r in rows) / n,
-        "mean_output_tokens": sum(toks) / len(toks) if toks else None,
-        "errors": sum(r.get("error") is not None for r in rows),
+        "well_formed": well_formed / n,
+        "mean_output_tokens": tokens / tokens_n if tokens_n else None,
+        "errors": errors,
         "k": 1,
     }
 

@@ -59,12 +59,16 @@ def check_teacher(cfg: Config) -> dict:
 
 
 def check_data(cfg: Config) -> dict:
-    """Load the data as the data stage will (well under a second), and say whether it can be trained on."""
+    """Load the data as the data stage will (a benchmark: well under a second; your own data: its files
+    listed and the first records of the first one checked), and say whether it can be trained on."""
     from .artifacts import is_done, stage_dir
     from .stages.data import build
+    from .tasks.custom import is_custom
 
     if is_done(cfg, stage_dir(cfg, "data")):
         return {"data": "problems already in the run folder", "ok": True}
+    if is_custom(cfg.data):
+        return check_own_data(cfg)
     try:
         rows, split, notes = build(cfg)
     except (FtcotError, OSError) as e:
@@ -73,6 +77,36 @@ def check_data(cfg: Config) -> dict:
         return {"data": f"{cfg.data.dataset}: no train split to fine-tune on ({'; '.join(notes)})", "ok": False}
     return {"data": f"{cfg.data.dataset}: {len(split['train'])} train / {len(split.get('test', []))} test questions",
             "ok": True}
+
+
+def check_own_data(cfg: Config, first: int = 1000) -> dict:
+    """Your own data: the files are there, and the first records of the first one read and check as the
+    data stage will read them (the rest is read by the data stage itself, streamed)."""
+    from itertools import islice
+
+    from . import storage
+    from .readers import file_format, location, records
+    from .tasks.custom import _answer_format, check_record, source_listing, split_folders
+
+    try:
+        fmt = _answer_format(cfg.data)
+        listing = source_listing(str(cfg.data.source))
+        path = listing[0][0]
+        kind = file_format(path)
+        split = split_folders(str(cfg.data.source), [path])[0]
+        if storage.is_uri(path):
+            fs, p = storage.filesystem(path)
+            stream = fs.open_input_stream(p)
+        else:
+            stream = open(path, "rb")
+        with stream:
+            n = 0
+            for n, (k, rec) in enumerate(islice(records(stream, kind, path), first), 1):
+                check_record(rec, location(path, kind, k), fmt, cfg.data.choices, split)
+    except (FtcotError, OSError) as e:
+        return {"data": str(e), "ok": False}
+    return {"data": f"{cfg.data.dataset}: {len(listing)} file(s); the first {n} records of {path} check out "
+                    "(the data stage reads and checks every record)", "ok": True}
 
 
 def check_run_dir(cfg: Config) -> dict:

@@ -21,7 +21,10 @@ def init_ray(cfg: Config | None = None, **kwargs) -> None:
     """
     import ray
 
+    from . import dataplane
+
     if ray.is_initialized():
+        dataplane.configure()
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     logs.redirect_native_stderr()  # Ray's C++ core writes to file descriptor 2
@@ -38,6 +41,7 @@ def init_ray(cfg: Config | None = None, **kwargs) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, **kwargs)
     import ray.data  # noqa: F401  (configures its own console logger on import: quieted next)
 
+    dataplane.configure()
     logs.quiet_all()
     route_worker_output()
 

@@ -1,9 +1,12 @@
-"""The tables the stages hand each other, their columns, and a read/write pair that checks them.
+"""The tables the stages hand each other: their columns, the columns' types, and how they are ordered.
 
-A stage declares which tables it reads and writes (by name, below); `read_table` refuses a file
-missing a column (naming the file, the line and the column) and `write_table` refuses to write a
-row without one, so a contract is enforced where data crosses a stage boundary, not only written
-into a manifest. Extra columns are carried through (a stage may add its own).
+Declarations only; reading and writing (JSONL files and Parquet shard folders, on the driver or as
+Ray Datasets) is `tables.py`. A reader refuses a table missing a column (naming the file and, for
+JSONL, the line); a writer refuses rows without one, so a contract is enforced where data crosses a
+stage boundary, not only written into a manifest. Extra columns are carried through (a stage may
+add its own). Every Parquet shard of a table is cast to the declared types before it is written, so
+the shards of one table always share one schema (a block whose `error` column is all null would
+otherwise be typed `null` and disagree with its neighbours).
 """
 
 from __future__ import annotations
@@ -11,38 +14,64 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
-from .errors import InputFileError, InputMissing
-from .io import iter_jsonl, write_jsonl
+I64, F64, STR, BOOL = "int64", "float64", "string", "bool"
 
 
 @dataclass(frozen=True)
 class Table:
     name: str
-    file: str
-    columns: tuple[str, ...]  # required in every row
+    types: tuple[tuple[str, str], ...]  # (column, arrow type) of the columns required in every row
+    key: tuple[str, ...]  # the order a reader sorts by (unique per row)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(c for c, _ in self.types)
+
+    @property
+    def file(self) -> str:
+        """The JSONL form's file name; the Parquet form is a folder named `name`."""
+        return f"{self.name}.jsonl"
+
+    def arrow_schema(self):
+        import pyarrow as pa
+
+        return pa.schema([(c, arrow_type(t)) for c, t in self.types])
 
 
-PROBLEM_COLUMNS = ("sample_index", "question", "answer", "split", "dataset")
-COMPLETION_COLUMNS = (
-    "sample_index", "sample_idx", "split", "question", "answer", "reasoning_prompt", "rationale", "answer_prompt",
-    "answer_completion", "finish_reason", "prompt_tokens", "completion_tokens", "cost_usd", "model", "temperature",
-    "error", "attempts",
+def arrow_type(name: str):
+    """The pyarrow type of a declared column type (pyarrow is imported only when a table is read or written)."""
+    import pyarrow as pa
+
+    return {I64: pa.int64, F64: pa.float64, STR: pa.string, BOOL: pa.bool_}[name]()
+
+PROBLEM_TYPES = (("sample_index", I64), ("question", STR), ("answer", STR), ("split", STR), ("dataset", STR))
+COMPLETION_TYPES = (
+    ("sample_index", I64), ("sample_idx", I64), ("split", STR), ("question", STR), ("answer", STR),
+    ("reasoning_prompt", STR), ("rationale", STR), ("answer_prompt", STR), ("answer_completion", STR),
+    ("finish_reason", STR), ("prompt_tokens", I64), ("completion_tokens", I64), ("cost_usd", F64), ("model", STR),
+    ("temperature", F64), ("error", STR), ("attempts", I64),
 )
-CURATED_COLUMNS = COMPLETION_COLUMNS + ("prediction", "correct", "kept", "reject_reason")
-PAIR_COLUMNS = ("sample_index", "sample_idx", "split", "prompt", "completion")
-PREDICTION_COLUMNS = ("sample_index", "question", "answer", "output", "prediction", "correct", "well_formed",
-                      "output_tokens", "error")
+CURATED_TYPES = COMPLETION_TYPES + (("prediction", STR), ("correct", BOOL), ("kept", BOOL), ("reject_reason", STR))
+PAIR_TYPES = (("sample_index", I64), ("sample_idx", I64), ("split", STR), ("prompt", STR), ("completion", STR))
+PREDICTION_TYPES = (("sample_index", I64), ("question", STR), ("answer", STR), ("output", STR), ("prediction", STR),
+                    ("correct", BOOL), ("well_formed", BOOL), ("output_tokens", I64), ("error", STR))
+
+PROBLEM_COLUMNS = tuple(c for c, _ in PROBLEM_TYPES)
+COMPLETION_COLUMNS = tuple(c for c, _ in COMPLETION_TYPES)
+CURATED_COLUMNS = tuple(c for c, _ in CURATED_TYPES)
+PAIR_COLUMNS = tuple(c for c, _ in PAIR_TYPES)
+PREDICTION_COLUMNS = tuple(c for c, _ in PREDICTION_TYPES)
+ROW_KEY = ("sample_index", "sample_idx")
 
 TABLES: dict[str, Table] = {t.name: t for t in (
-    Table("problems", "problems.jsonl", PROBLEM_COLUMNS),
-    Table("completions", "completions.jsonl", COMPLETION_COLUMNS),
-    Table("curated", "curated.jsonl", CURATED_COLUMNS),
-    Table("ft_cot_pairs", "ft_cot_pairs.jsonl", PAIR_COLUMNS),
-    Table("vanilla_pairs", "vanilla_pairs.jsonl", PAIR_COLUMNS),
-    Table("step_by_step_pairs", "step_by_step_pairs.jsonl", PAIR_COLUMNS + ("task",)),
-    Table("predictions", "predictions.jsonl", PREDICTION_COLUMNS),
+    Table("problems", PROBLEM_TYPES, ("sample_index",)),
+    Table("completions", COMPLETION_TYPES, ROW_KEY),
+    Table("curated", CURATED_TYPES, ROW_KEY),
+    Table("ft_cot_pairs", PAIR_TYPES, ROW_KEY),
+    Table("vanilla_pairs", PAIR_TYPES, ROW_KEY),
+    Table("step_by_step_pairs", PAIR_TYPES + (("task", STR),), ROW_KEY + ("task",)),
+    Table("predictions", PREDICTION_TYPES, ("sample_index",)),
 )}
 
 
@@ -52,27 +81,6 @@ def table(name: str) -> Table:
     return TABLES[name]
 
 
-def table_path(folder_or_file: Path | str, name: str) -> Path:
-    """`folder/<table file>`, or the path itself when it already names a file."""
-    p = Path(folder_or_file)
-    return p if p.suffix == ".jsonl" else p / table(name).file
-
-
-def read_table(folder_or_file: Path | str, name: str, columns: Iterable[str] | None = None) -> list[dict]:
-    """Every row of a table; the error names the file, the line and the missing column(s)."""
-    path = table_path(folder_or_file, name)
-    if not path.is_file():
-        raise InputMissing(f"{path}: no {name} table here")
-    need = tuple(columns) if columns is not None else table(name).columns
-    rows = []
-    for lineno, row in iter_jsonl(path, with_lines=True):
-        missing = [c for c in need if c not in row]
-        if missing:
-            raise InputFileError(f"{path}:{lineno}: {name} row lacks column(s) {', '.join(missing)}")
-        rows.append(row)
-    return rows
-
-
 def check_rows(rows: list[dict], name: str, where: str) -> None:
     need = table(name).columns
     for i, row in enumerate(rows, 1):
@@ -80,14 +88,6 @@ def check_rows(rows: list[dict], name: str, where: str) -> None:
         if missing:
             raise ValueError(f"{where}: row {i} of the {name} table lacks column(s) {', '.join(missing)} "
                              "(a bug: the stage must write every declared column)")
-
-
-def write_table(folder: Path | str, name: str, rows: list[dict]) -> dict:
-    """Write a checked table atomically; returns its manifest entry (file, columns, rows, sha256)."""
-    path = Path(folder) / table(name).file
-    check_rows(rows, name, str(path))
-    n = write_jsonl(path, rows)
-    return {"file": path.name, "columns": list(table(name).columns), "rows": n, "sha256": file_sha256(path)}
 
 
 def file_sha256(path: Path | str) -> str:

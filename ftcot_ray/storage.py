@@ -85,13 +85,14 @@ def pull(uri: str, local: Path) -> bool:
     return True
 
 
-def download(uri: str, local: Path) -> Path:
-    """Copy every file under `uri` to `local` (Ray Train's scratch checkpoints excepted)."""
+def download(uri: str, local: Path, tables: bool = False) -> Path:
+    """Copy every file under `uri` to `local`: Ray Train's scratch checkpoints excepted, and, unless
+    `tables`, Parquet shards (a stage's big tables are read where they are, in the bucket)."""
     fs, path = filesystem(uri)
     local.mkdir(parents=True, exist_ok=True)
     for f in _files(fs, path):
         rel = f.path[len(path):].lstrip("/")
-        if rel.split("/")[0] == "ray_train":
+        if rel.split("/")[0] == "ray_train" or (not tables and rel.endswith(".parquet")):
             continue
         target = local / rel
         if target.is_file() and target.stat().st_size == f.size and rel != MANIFEST:
@@ -155,6 +156,17 @@ def write_bytes(uri: str, data: bytes) -> None:
     fs, path = filesystem(uri)
     with fs.open_output_stream(path) as out:
         out.write(data)
+
+
+def identity(uri: str) -> str:
+    """What says an object changed without reading it: its size and modification time."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return f"missing:{uri}"
+    return f"bytes:{info.size}:mtime:{info.mtime_ns}"
 
 
 def count_files(uri: str) -> int:

@@ -13,7 +13,7 @@ import httpx
 from ftcot_ray import tasks
 from ftcot_ray.artifacts import finish, stage_dir
 from ftcot_ray.config import Config, load_config
-from ftcot_ray.schemas import write_table
+from ftcot_ray.tables import write_table
 from ftcot_ray.tasks.base import Task
 
 ADD_RE = re.compile(r"^What is (\d+) plus (\d+)\?$")

@@ -17,6 +17,7 @@ from ftcot_ray.errors import ConfigError, InputFileError, StageInputMissing
 from ftcot_ray.io import write_jsonl
 from ftcot_ray.preflight import preflight
 from ftcot_ray.stages import data as data_stage
+from ftcot_ray.tables import read_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,7 +97,7 @@ def test_an_edited_data_file_is_read_again(tmp_path):
     assert not second.get("reused") and second["out"] != first["out"]
 
 
-def test_duplicates_are_merged_or_dropped_before_the_split(tmp_path):
+def test_duplicates_are_merged_or_dropped_before_the_split(ray_session, tmp_path):
     src = tmp_path / "mine.jsonl"
     rows = [{"question": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(20)]
     rows += [{"question": "What is 3 + 3?", "answer": "6"}] * 3  # the same question again, same answer
@@ -104,18 +105,18 @@ def test_duplicates_are_merged_or_dropped_before_the_split(tmp_path):
     write_jsonl(src, rows)
     cfg = load_config("quickstart", {"run_dir": str(tmp_path / "run"), "data.dataset": "mine", "data.source": str(src),
                                      "data.answer_format": "number_exact"})
-    rows_out, split, notes = data_stage.build(cfg)
-    questions = [r["question"].lower() for r in rows_out]
+    summary = data_stage.run(cfg, tmp_path / "o")
+    questions = [r["question"].lower() for r in read_table(tmp_path / "o", "problems")]
     assert len(questions) == len(set(questions)) == 20  # 3 merged into the first "3 + 3", both "99 + 1" dropped
-    assert any("3 repeated questions merged" in n and "2 records dropped" in n for n in notes)
+    assert any("3 repeated questions merged" in n and "2 records dropped" in n for n in summary["notes"])
 
 
-def test_a_file_that_is_not_utf8_names_its_line(tmp_path):
+def test_a_file_that_is_not_utf8_names_its_line(ray_session, tmp_path):
     src = tmp_path / "mine.jsonl"
     src.write_bytes(b'{"question": "ok?", "answer": "1"}\n{"question": "caf\xe9?", "answer": "2"}\n')
     cfg = load_config("quickstart", {"data.dataset": "mine", "data.source": str(src), "data.answer_format": "number_exact"})
     with pytest.raises(InputFileError, match=r"mine.jsonl:2: not UTF-8"):
-        data_stage.build(cfg)
+        data_stage.run(cfg, tmp_path / "o")
 
 
 def test_the_raw_file_of_another_benchmark_names_the_file(shared_datasets, tmp_path):

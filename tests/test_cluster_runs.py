@@ -35,6 +35,7 @@ import pytest
 
 from ftcot_ray.artifacts import is_complete, stage_dir
 from ftcot_ray.config import load_config
+from ftcot_ray.tables import read_table
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -261,7 +262,7 @@ def test_two_node_job_trains_on_both_nodes_with_the_key_from_the_cluster_environ
     for stage in ("data", "teach", "curate", "train", "eval"):
         assert is_complete(stage_dir(cfg, stage)), stage
     assert (stage_dir(cfg, "train") / "student" / "model.safetensors").is_file()
-    assert len((stage_dir(cfg, "eval") / "predictions.jsonl").read_text().splitlines()) == 16
+    assert len(read_table(stage_dir(cfg, "eval"), "predictions")) == 16
     assert (run_dir / "report.md").is_file() and "Fine-tune-CoT" in logs  # the table, in the job's output
 
     # Training workers ran on both nodes (Ray's record of where each RayTrainWorker actor lived).
@@ -349,7 +350,7 @@ def test_autoscaler_launches_trainer_nodes_from_zero_and_releases_them_when_idle
         watcher.join(5)
     assert status == "SUCCEEDED", logs[-6000:]
     cfg = load_config("quickstart", overrides)
-    assert len((stage_dir(cfg, "eval") / "predictions.jsonl").read_text().splitlines()) == 16
+    assert len(read_table(stage_dir(cfg, "eval"), "predictions")) == 16
 
     launched = set(seen)
     assert len(launched) >= 2, f"the autoscaler launched {len(launched)} trainer node(s)"

@@ -14,8 +14,10 @@ from ftcot_ray import curation
 from ftcot_ray.artifacts import finish, read_manifest, stage_dir
 from ftcot_ray.config import load_config
 from ftcot_ray.io import read_jsonl, write_jsonl
-from ftcot_ray.schemas import read_table
+from ftcot_ray.tables import read_table
 from ftcot_ray.tasks import get_task
+
+from helpers_curate import curate_rows
 
 REPO = Path(__file__).resolve().parents[1]
 COIN = get_task("coin_flip_synth")
@@ -55,14 +57,14 @@ def handcrafted() -> list[dict]:
 
 
 def problems_of(rows: list[dict]) -> list[dict]:
-    return curation.problems_from_completions(rows, "coin_flip_synth")
+    return curation.problems_from_completions(rows, "coin_flip_synth")  # each question's sample 0
 
 
 # --------------------------------------------------------------------------- grading and reject reasons
 
 
 def test_hand_computed_counts_at_d2():
-    curated = curation.curate_rows(handcrafted(), COIN, diversity=2, drop_truncated=True, dedup=True)
+    curated = curate_rows(handcrafted(), COIN, diversity=2, drop_truncated=True, dedup=True)
     assert len(curated) == 11  # sample_idx 2 rows left out
     reason = {(r["sample_index"], r["sample_idx"]): r["reject_reason"] for r in curated}
     assert reason == {
@@ -79,7 +81,10 @@ def test_hand_computed_counts_at_d2():
     assert by_key[(1, 1)]["correct"]  # right but cut at max_tokens
     assert by_key[(1, 0)]["prediction"] is None and not by_key[(1, 0)]["correct"]
 
-    stats = curation.curation_stats(curated, problems_of(handcrafted()), 4, 5, diversity=2)
+    # The stage's counters, from batches cut anywhere (a question split across two batches counts once).
+    counts, questions = curation.add_counts([curation.batch_counts(curated[:3]), curation.batch_counts(curated[3:])])
+    splits = {"train": 5, "test": 1}
+    stats = curation.stats_from_counts(counts, questions, splits, {"ft_cot": 4}, diversity=2)
     assert stats["rejects"] == {"api_error": 1, "truncated": 1, "no_answer": 1, "wrong_answer": 2, "duplicate": 1}
     assert stats["kept_rows"] == 4 and stats["questions_with_kept"] == 3
     assert stats["train_questions"] == 5 and stats["mean_kept_per_question"] == 0.8
@@ -88,9 +93,9 @@ def test_hand_computed_counts_at_d2():
 
 
 def test_diversity_reads_a_prefix_of_the_samples():
-    d1 = curation.curate_rows(handcrafted(), COIN, diversity=1)
+    d1 = curate_rows(handcrafted(), COIN, diversity=1)
     assert {r["sample_idx"] for r in d1} == {0} and len(d1) == 6
-    d3 = curation.curate_rows(handcrafted(), COIN, diversity=3, dedup=False)
+    d3 = curate_rows(handcrafted(), COIN, diversity=3, dedup=False)
     assert len(d3) == 13
     kept = {(r["sample_index"], r["sample_idx"]) for r in d3 if r["kept"]}
     # Without dedup the repeated rationale stays; (1, 2) only exists at D = 3.
@@ -98,7 +103,7 @@ def test_diversity_reads_a_prefix_of_the_samples():
 
 
 def test_truncated_rows_are_kept_when_asked_as_in_the_paper():
-    curated = curation.curate_rows(handcrafted(), COIN, diversity=2, drop_truncated=False)
+    curated = curate_rows(handcrafted(), COIN, diversity=2, drop_truncated=False)
     row = next(r for r in curated if (r["sample_index"], r["sample_idx"]) == (1, 1))
     assert row["kept"] and row["reject_reason"] is None
 
@@ -130,11 +135,11 @@ def test_val_carving_is_seeded_disjoint_and_per_question():
     assert len(curation.carve_val([3, 7], 0.1, 0)[1]) == 1  # a val split whenever one is asked for
 
     rows = handcrafted()
-    problems = curation.with_val_split(problems_of(rows), 0.4, 0)
-    val = {p["sample_index"] for p in problems if p["split"] == "val"}
+    index = curation.ProblemIndex.of(problems_of(rows)).with_val(0.4, 0)
+    val = {i for i in range(6) if index.lookup(i)[0] == "val"}
     assert len(val) == 2 and val <= {0, 1, 2, 3, 4}
-    assert next(p for p in problems if p["sample_index"] == 5)["split"] == "test"
-    curated = curation.apply_splits(curation.curate_rows(rows, COIN, 3), problems)
+    assert index.lookup(5)[0] == "test" and index.counts() == {"train": 3, "val": 2, "test": 1}
+    curated = curate_rows(rows, COIN, 3, problems=index)
     for r in curated:  # every sample of a question is on its question's side
         assert (r["split"] == "val") == (r["sample_index"] in val)
 
@@ -146,7 +151,7 @@ def test_pair_formats_are_the_papers_strings():
     rows = [completion(0, 0, "train", " no ", " \n\nAnn flips the coin, so it is now tails up.\n", " no.")]
     rows[0]["question"] = " A coin is heads up. Ann flips the coin. Is the coin still heads up? "
     q = "A coin is heads up. Ann flips the coin. Is the coin still heads up?"
-    curated = curation.curate_rows(rows, COIN, 1)
+    curated = curate_rows(rows, COIN, 1)
     problems = problems_of(rows)
 
     dec = curation.ft_cot_pairs(curated, "decoder")
@@ -164,8 +169,8 @@ def test_pair_formats_are_the_papers_strings():
 def test_pairs_use_gold_answer_and_only_kept_train_val_rows():
     rows = handcrafted()
     rows[8]["answer_completion"] = " NO."  # the teacher's own spelling: the pair still says the gold "no"
-    problems = curation.with_val_split(problems_of(rows), 0.0, 0)
-    curated = curation.apply_splits(curation.curate_rows(rows, COIN, 2, dedup=True), problems)
+    problems = problems_of(rows)
+    curated = curate_rows(rows, COIN, 2, dedup=True, problems=curation.ProblemIndex.of(problems).with_val(0.0, 0))
     pairs = curation.ft_cot_pairs(curated, "decoder")
     assert [(p["sample_index"], p["sample_idx"]) for p in pairs] == [(0, 0), (3, 0), (4, 0), (4, 1)]
     assert pairs[1]["completion"] == " Sam flips it, so it is now tails up. --> no"
@@ -185,7 +190,7 @@ def test_matches_the_authors_fine_tune_file_and_keeps_323_multiarith_rationales(
         | {"question": s["question"]}
         for samples in raw["data"].values() for s in samples
     ]
-    curated = curation.curate_rows(rows, get_task("multiarith"), 1, drop_truncated=False)
+    curated = curate_rows(rows, get_task("multiarith"), 1, drop_truncated=False)
     pairs = curation.ft_cot_pairs(curated, "decoder")
     assert len(pairs) == 323  # the paper's count: 323 of the 420 training questions have a correct rationale
 
@@ -208,10 +213,10 @@ def test_matches_the_authors_fine_tune_file_and_keeps_323_multiarith_rationales(
 def test_no_rows_kept_names_the_cause():
     rows = [completion(i, 0, "train", "yes", None, None, finish_reason=None, error="connection refused")
             for i in range(3)]
-    curated = curation.curate_rows(rows, COIN, 1)
+    curated = curate_rows(rows, COIN, 1)
     with pytest.raises(ValueError, match=r"no rationale kept of 3 training completions \(api_error=3\).*teacher endpoint"):
         curation.check_some_kept(curated, "completions.jsonl")
-    wrong = curation.curate_rows([completion(0, 0, "train", "yes", " x", " no.")], COIN, 1)
+    wrong = curate_rows([completion(0, 0, "train", "yes", " x", " no.")], COIN, 1)
     with pytest.raises(ValueError, match="wrong_answer=1"):
         curation.check_some_kept(wrong, "completions.jsonl")
 
@@ -221,7 +226,9 @@ def test_problems_mismatch_is_an_error():
     problems = problems_of(rows)
     problems[2] = problems[2] | {"question": "something else"}
     with pytest.raises(ValueError, match="sample_index 2: the completion's question differs"):
-        curation.check_problems_match(problems, rows, "completions.jsonl")
+        curation.grade_batch(rows, COIN, 3, problems=curation.ProblemIndex.of(problems), where="completions.jsonl")
+    with pytest.raises(ValueError, match="sample_index 5 has no problem"):
+        curation.grade_batch(rows, COIN, 3, problems=curation.ProblemIndex.of(problems_of(rows)[:5]))
 
 
 # --------------------------------------------------------------------------- the stage, via the CLI
@@ -261,16 +268,16 @@ def test_curate_stage_cli_writes_outputs_and_reuses(tmp_path):
 
     manifest = read_manifest(out)
     assert manifest["complete"] and manifest["stage"] == "curate" and manifest["summary"] == summary
-    curated = read_jsonl(out / "curated.jsonl")
-    carved = read_jsonl(out / "problems.jsonl")
+    curated = read_table(out, "curated")
+    carved = read_table(out, "problems")
     assert len(curated) == 11 and len(carved) == 7
     splits = {p["sample_index"]: p["split"] for p in carved}
     assert sorted(splits.values()).count("val") == 1 and splits[5] == "test"  # round(0.2 * 6) = 1
     assert all(r["split"] == splits[r["sample_index"]] for r in curated)
-    ft = read_jsonl(out / "ft_cot_pairs.jsonl")
+    ft = read_table(out, "ft_cot_pairs")
     assert len(ft) == summary["pairs"]["ft_cot"] == 4
     assert all(p["prompt"].endswith(" ###") and " --> " in p["completion"] for p in ft)
-    vanilla = read_jsonl(out / "vanilla_pairs.jsonl")
+    vanilla = read_table(out, "vanilla_pairs")
     assert sorted(p["sample_index"] for p in vanilla) == [0, 1, 2, 3, 4, 6]
 
     again = ftcot("curate", "--config", "quickstart", *overrides)

@@ -14,6 +14,7 @@ from ftcot_ray.artifacts import is_complete, read_manifest
 from ftcot_ray.config import load_config
 from ftcot_ray.io import InputFileError, read_jsonl
 from ftcot_ray.stages import data as data_stage
+from ftcot_ray.tables import read_table
 from ftcot_ray.tasks.custom import resolve_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +104,7 @@ def test_cli_unknown_dataset_exits_2(tmp_path):
     assert proc.returncode == 2 and "unknown dataset 'no_such_task'" in proc.stderr
 
 
-def test_custom_without_answer_format_is_a_clear_error(tmp_path):
+def test_custom_without_answer_format_is_a_clear_error(ray_session, tmp_path):
     src = write_lines(tmp_path / "mine.jsonl", [{"question": "q", "answer": "2"}])
     cfg = load_config(None, {"data.dataset": "custom", "data.source": str(src)})
     with pytest.raises(ValueError, match="data.answer_format"):
@@ -121,7 +122,7 @@ def test_custom_without_answer_format_is_a_clear_error(tmp_path):
         ({"question": "q", "answer": "1", "split": "dev"}, "number_exact", "split must be 'train' or 'test'"),
     ],
 )
-def test_custom_bad_record_names_the_line(tmp_path, row, fmt, message):
+def test_custom_bad_record_names_the_line(ray_session, tmp_path, row, fmt, message):
     src = write_lines(tmp_path / "mine.jsonl", [{"question": "ok", "answer": "yes" if fmt == "yesno" else "A" if fmt == "choice" else "1"}, row])
     cfg = load_config(None, {"data.dataset": "custom", "data.source": str(src), "data.answer_format": fmt})
     with pytest.raises(InputFileError, match=f"mine.jsonl:2: .*{message}"):
@@ -129,7 +130,7 @@ def test_custom_bad_record_names_the_line(tmp_path, row, fmt, message):
     assert not (tmp_path / "o").exists()
 
 
-def test_custom_split_on_some_rows_only_is_refused(tmp_path):
+def test_custom_split_on_some_rows_only_is_refused(ray_session, tmp_path):
     src = write_lines(tmp_path / "mine.jsonl", [{"question": "a", "answer": "1", "split": "train"}, {"question": "b", "answer": "2"}])
     cfg = load_config(None, {"data.dataset": "custom", "data.source": str(src), "data.answer_format": "number_exact"})
     with pytest.raises(InputFileError, match="1 of 2 records have a 'split'"):
@@ -139,12 +140,12 @@ def test_custom_split_on_some_rows_only_is_refused(tmp_path):
 # --------------------------------------------------------------------------- your own data
 
 
-def test_custom_jsonl_gets_the_paper_split(tmp_path):
+def test_custom_jsonl_gets_the_paper_split(ray_session, tmp_path):
     src = write_lines(tmp_path / "arith.jsonl", [{"question": f"{i} + 1?", "answer": i + 1} for i in range(20)])
     cfg = load_config(None, {"data.dataset": "my_arith", "data.source": str(src), "data.answer_format": "number_exact"})
     summary = data_stage.run(cfg, tmp_path / "o")
     assert summary["counts"] == {"train": 14, "test": 6}
-    rows = read_jsonl(tmp_path / "o" / "problems.jsonl")
+    rows = read_table(tmp_path / "o", "problems")
     assert rows[3] == {"sample_index": 3, "question": "3 + 1?", "answer": "4", "split": rows[3]["split"], "dataset": "my_arith"}
     from ftcot_ray.tasks.splits import paper_split
 
@@ -154,18 +155,18 @@ def test_custom_jsonl_gets_the_paper_split(tmp_path):
     assert task.kind == "number_exact" and task.is_correct(task.extract_answer("so --> 4", "-->"), rows[3]["answer"])
 
 
-def test_custom_csv_with_split_column(tmp_path):
+def test_custom_csv_with_split_column(ray_session, tmp_path):
     src = tmp_path / "quiz.csv"
     src.write_text('question,answer,split\n"Is it, really?",Yes,train\nSky green?,no,test\nA or B?,yes,train\n')
     cfg = load_config(None, {"data.dataset": "custom", "data.source": str(src), "data.answer_format": "yesno"})
     summary = data_stage.run(cfg, tmp_path / "o")
     assert summary["counts"] == {"train": 2, "test": 1}
-    rows = read_jsonl(tmp_path / "o" / "problems.jsonl")
+    rows = read_table(tmp_path / "o", "problems")
     assert [(r["question"], r["split"]) for r in rows] == [("Is it, really?", "train"), ("Sky green?", "test"), ("A or B?", "train")]
     assert resolve_task(cfg.data).is_correct("yes", rows[0]["answer"])
 
 
-def test_custom_csv_bad_row_names_the_line(tmp_path):
+def test_custom_csv_bad_row_names_the_line(ray_session, tmp_path):
     src = tmp_path / "quiz.csv"
     src.write_text("question,answer\nq1,1\nq2,\n")
     cfg = load_config(None, {"data.dataset": "custom", "data.source": str(src), "data.answer_format": "number_float"})
@@ -173,14 +174,15 @@ def test_custom_csv_bad_row_names_the_line(tmp_path):
         data_stage.run(cfg, tmp_path / "o")
 
 
-def test_partial_output_is_redone(tmp_path):
+def test_partial_output_is_redone(ray_session, tmp_path):
     src = write_lines(tmp_path / "arith.jsonl", [{"question": f"{i}?", "answer": i} for i in range(10)])
     cfg = load_config(None, {"data.dataset": "custom", "data.source": str(src), "data.answer_format": "number_exact"})
     out = tmp_path / "o"
     out.mkdir()
     (out / "problems.jsonl").write_text("half a row")  # a killed earlier attempt, no manifest
     summary = data_stage.run(cfg, out)
-    assert "reused" not in summary and len(read_jsonl(out / "problems.jsonl")) == 10
+    assert "reused" not in summary and len(read_table(out, "problems")) == 10
+    assert not (out / "problems.jsonl").exists()  # the killed attempt's leftover is cleared
 
 
 # --------------------------------------------------------------------------- synthetic tasks

@@ -17,6 +17,7 @@ from ftcot_ray import evaluation as ev
 from ftcot_ray.artifacts import finish, is_complete, read_manifest
 from ftcot_ray.config import ConfigError, load_config, with_overrides
 from ftcot_ray.io import read_jsonl, write_jsonl
+from ftcot_ray.tables import read_table
 from ftcot_ray.tasks import get_task
 
 from helpers_eval import build_student, coin_questions
@@ -43,20 +44,20 @@ def test_ft_cot_grading_equals_hand_computed_accuracy():
         (" --> maybe", "yes"),  # marker but no candidate: not well-formed
         (" no --> No.", "no"),  # yes/no read lower-cased: right
     ])
-    preds = ev.grade_rows(COIN, rows, "ft_cot")
+    preds = ev.grade_batch(rows, COIN, "ft_cot")
     assert [p["correct"] for p in preds] == [True, False, True, False, False, True]
     assert [p["well_formed"] for p in preds] == [True, True, True, False, False, True]
     assert [p["prediction"] for p in preds] == ["no", "yes", "yes", None, None, "no"]
     m = ev.compute_metrics(preds)
     assert (m["n"], m["correct"], m["accuracy"], m["well_formed"]) == (6, 3, 0.5, 4 / 6)
     # The paper's rule (last candidate when the marker is missing) turns row 3 right.
-    paper = ev.grade_rows(COIN, rows, "ft_cot", require_marker=False)
+    paper = ev.grade_batch(rows, COIN, "ft_cot", require_marker=False)
     assert [p["correct"] for p in paper] == [True, False, True, True, False, True]
 
 
 def test_vanilla_reads_the_first_candidate_and_numbers_are_exact_for_multiarith():
     rows = _rows([(" 39", "39"), (" 39.0", "39"), (" 1,200 apples", "1200"), (" none", "5"), (" 7 or 8", "8")])
-    preds = ev.grade_rows(MULTIARITH, rows, "vanilla")
+    preds = ev.grade_batch(rows, MULTIARITH, "vanilla")
     assert [p["correct"] for p in preds] == [True, False, True, False, False]
     assert [p["well_formed"] for p in preds] == [True, True, True, False, True]
     m = ev.compute_metrics(preds)
@@ -69,7 +70,7 @@ def test_few_shot_cot_marker_and_fallback():
         ("3 + 4 = 7, then 8", "8"),  # marker missing: the paper's last candidate (8) -> right, not well-formed
         ("The answer is 6.0", "6"),  # AddSub compares floats
     ])
-    preds = ev.grade_rows(ADDSUB, rows, "few_shot_cot")
+    preds = ev.grade_batch(rows, ADDSUB, "few_shot_cot")
     assert [p["correct"] for p in preds] == [True, True, True]
     assert [p["well_formed"] for p in preds] == [True, False, True]
 
@@ -111,7 +112,7 @@ def test_self_consistency_accuracy_at_1_and_at_k():
         {"sample_index": 2, "answer": "no", "outputs": [" --> no", " junk", " --> no"], "output_tokens": [3, 1, 3]},
         {"sample_index": 3, "answer": "yes", "outputs": [" junk", " --> yes", " --> no"], "output_tokens": [1, 3, 3]},
     ]
-    preds = ev.grade_rows(COIN, rows, "ft_cot")
+    preds = ev.grade_batch(rows, COIN, "ft_cot")
     assert [p["prediction"] for p in preds] == ["yes", "yes", "no", "yes"]  # row 3: tie -> earliest voter (yes)
     assert [p["correct_at_1"] for p in preds] == [False, True, True, False]
     m = ev.compute_metrics(preds, k=3)
@@ -187,7 +188,7 @@ def test_eval_stage_ray_data_matches_per_example_generation(ray_session, tmp_pat
     out = tmp_path / "eval"
     summary = evaluate.run(cfg, out, src)
     assert is_complete(out)
-    preds = read_jsonl(out / "predictions.jsonl")
+    preds = read_table(out, "predictions")
     assert sorted(p["sample_index"] for p in preds) == list(range(N_PROBLEMS))  # test split only, none lost
     student = load_student(tiny_student)
     problems = {r["sample_index"]: r for r in read_jsonl(src)}
@@ -218,17 +219,17 @@ def test_eval_stage_self_consistency(ray_session, tmp_path):
     # (so they are runtime settings that rightly leave the eval key alone).
     other = with_overrides(cfg, {"eval.batch_size": 3, "eval.num_replicas": 1})
     evaluate.run(other, tmp_path / "sc2", src)
-    samples = lambda d: {p["sample_index"]: p["samples"] for p in read_jsonl(d / "predictions.jsonl")}  # noqa: E731
+    samples = lambda d: {p["sample_index"]: p["samples"] for p in read_table(d, "predictions")}  # noqa: E731
     assert samples(tmp_path / "sc") == samples(tmp_path / "sc2")
     m = json.loads((tmp_path / "sc" / "metrics.json").read_text())
     assert m["k"] == 3 and "accuracy_at_1" in m and m["accuracy_at_k"] == m["accuracy"]
     assert m["method"] == "vanilla" and m["diversity"] is None
-    preds = read_jsonl(tmp_path / "sc" / "predictions.jsonl")
+    preds = read_table(tmp_path / "sc", "predictions")
     assert all(len(p["samples"]) == 3 for p in preds)
     assert all(p["prediction"] == ev.majority_vote(p["sample_predictions"], COIN) for p in preds)
 
 
-def test_config_errors_are_clear(tmp_path, tiny_student):
+def test_config_errors_are_clear(ray_session, tmp_path, tiny_student):
     from ftcot_ray.stages import evaluate
 
     with pytest.raises(ConfigError, match="temperature"):
@@ -301,7 +302,7 @@ def completions_server(port):
 
 
 @pytest.mark.parametrize("method", ["zero_shot_cot", "few_shot_cot", "zero_shot"])
-def test_endpoint_baselines(tmp_path, completions_server, method, monkeypatch):
+def test_endpoint_baselines(ray_session, tmp_path, completions_server, method, monkeypatch):
     from ftcot_ray.stages import evaluate
 
     src = _problems_file(tmp_path)
@@ -319,21 +320,21 @@ def test_endpoint_baselines(tmp_path, completions_server, method, monkeypatch):
         expected = sum("Ann" in r["question"] for r in test_rows) / len(test_rows)
     assert m["method"] == method and m["student"] == "tiny-api" and m["n"] == N_PROBLEMS
     assert m["accuracy"] == pytest.approx(expected) and m["well_formed"] == 1.0 and m["errors"] == 0
-    preds = read_jsonl(out / "predictions.jsonl")
+    preds = read_table(out, "predictions")
     assert all("\nQ:" not in p["output"] for p in preds)  # stopped before the model's next question
     assert set(_Completions.seen_auth) == {"Bearer sk-test-secret-42"}
-    for f in out.iterdir():  # the key reached the server but no artifact
-        assert "sk-test-secret-42" not in f.read_text()
+    for f in out.rglob("*"):  # the key reached the server but no artifact
+        assert f.is_dir() or b"sk-test-secret-42" not in f.read_bytes()
 
 
-def test_endpoint_down_gives_error_rows_not_lost_questions(tmp_path, port):
+def test_endpoint_down_gives_error_rows_not_lost_questions(ray_session, tmp_path, port):
     from ftcot_ray.stages import evaluate
 
     src = _problems_file(tmp_path)
     endpoint = f"{{base_url: 'http://127.0.0.1:{port}/v1', model: m, max_attempts: 1, timeout_s: 5}}"
     cfg = _cfg(tmp_path, "eval.baseline=zero_shot", f"eval.endpoint={endpoint}")
     evaluate.run(cfg, tmp_path / "down", src)
-    preds = read_jsonl(tmp_path / "down" / "predictions.jsonl")
+    preds = read_table(tmp_path / "down", "predictions")
     assert len(preds) == N_PROBLEMS and all(p["error"] and not p["correct"] for p in preds)
     assert "connection error" in preds[0]["error"] and f"127.0.0.1:{port}" in preds[0]["error"]
 

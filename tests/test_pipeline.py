@@ -18,6 +18,7 @@ import pytest
 from ftcot_ray.artifacts import read_manifest, stage_dir
 from ftcot_ray.config import load_config, with_overrides
 from ftcot_ray.stages import pipeline
+from ftcot_ray.tables import read_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,7 +76,7 @@ def test_quickstart_end_to_end_writes_every_stage_and_the_report(first_run):
     assert labels == ["ft_cot D=1", "ft_cot D=2", "vanilla"]
     for label, c in pipeline.variants(cfg):
         assert (stage_dir(c, "train") / "student" / "model.safetensors").is_file()
-        preds = (stage_dir(c, "eval") / "predictions.jsonl").read_text().splitlines()
+        preds = read_table(stage_dir(c, "eval"), "predictions")
         assert len(preds) == 16, label  # every test question has a prediction
     # D=2 curates from the same teacher table, with up to 2 rationales per question.
     d1, d2 = summary["ft_cot D=1"]["curate"], summary["ft_cot D=2"]["curate"]

@@ -13,6 +13,7 @@ import pytest
 
 from ftcot_ray.config import load_config, preset_names, with_overrides
 from ftcot_ray.stages import curate, data, pipeline, teach
+from ftcot_ray.tables import read_table
 
 REPO = Path(__file__).resolve().parents[1]
 REPLAYED = ["single_eq", "addsub", "multiarith", "svamp", "date_understanding", "tracking_shuffled_objects",
@@ -68,7 +69,7 @@ def test_replay_multiarith_gives_the_papers_curated_count(shared_datasets, tmp_p
     c = curate.run(cfg)
     # 323 of the 420 training questions have a correct first rationale (the paper's count);
     # curate carves val out of train, so train + val together are the paper's train split.
-    pairs = [json.loads(x) for x in (Path(c["out"]) / "ft_cot_pairs.jsonl").read_text().splitlines()]
+    pairs = read_table(Path(c["out"]), "ft_cot_pairs")
     assert len(pairs) == 323
     assert {p["split"] for p in pairs} == {"train", "val"}
 

@@ -13,6 +13,7 @@ import torch
 from ftcot_ray import curation
 from ftcot_ray.artifacts import stage_dir
 from ftcot_ray.io import read_jsonl
+from ftcot_ray.tables import read_table
 from ftcot_ray.prompts import TASK_PREFIXES, method_prompt
 from ftcot_ray.stages import evaluate, train
 from ftcot_ray.student.card import read_card
@@ -21,6 +22,7 @@ from ftcot_ray.student.model import build_model
 from ftcot_ray.student.tokenizer import pair_texts, train_tokenizer
 from ftcot_ray.tasks import get_task
 
+from helpers_curate import curate_rows
 from helpers_train import coin_pairs, load_and_generate, make_curate_folder, tiny_config
 
 
@@ -36,7 +38,7 @@ def curated_rows() -> list[dict]:
         {"sample_index": 2, "sample_idx": 0, "split": "test", "question": "Q two?", "answer": "no",
          "rationale": "x", **base, "answer_completion": " no."},
     ]
-    return curation.curate_rows(rows, get_task("coin_flip_synth"), diversity=2)
+    return curate_rows(rows, get_task("coin_flip_synth"), diversity=2)
 
 
 def test_each_kept_rationale_gives_a_label_and_a_rationale_pair():
@@ -129,7 +131,7 @@ def test_students_train_and_evaluate_with_the_label_task(ray_session, tmp_path, 
     assert card.prompt("Q?").startswith("[label] ")
 
     summary = evaluate.run(cfg, tmp_path / "eval", curate)  # the val split of the curate folder
-    preds = read_jsonl(tmp_path / "eval" / "predictions.jsonl")
+    preds = read_table(tmp_path / "eval", "predictions")
     assert summary["method"] == "step_by_step" and len(preds) == 8
     assert all("rationale" in p for p in preds)  # asked for: the rationale task ran too
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())

@@ -14,7 +14,7 @@ import pytest
 
 from ftcot_ray.artifacts import stage_dir
 from ftcot_ray.config import TeacherSimConfig, dump_config
-from ftcot_ray.io import read_jsonl
+from ftcot_ray.tables import read_table
 from ftcot_ray.stages import teach
 from ftcot_ray.teacher.batch import Ledger
 from ftcot_ray.teacher.sim import running_sim
@@ -32,7 +32,7 @@ def _task():
 
 
 def _table(cfg) -> list[dict]:
-    return read_jsonl(stage_dir(cfg, "teach") / "completions.jsonl")
+    return read_table(stage_dir(cfg, "teach"), "completions")
 
 
 def test_batch_run_gives_the_sync_runs_table_at_half_the_price(ray_session, tmp_path):
@@ -123,10 +123,7 @@ def test_a_crash_between_upload_and_create_finds_the_batch_by_its_file(tmp_path)
         write_data_stage(cfg, problems)
         run = BatchRun(cfg.teacher, base_url=url, endpoint_id=teach.endpoint_id(cfg), secret=Secret("x"),
                        cache_dir=str(teach.cache_dir(cfg)))
-        from ftcot_ray.teacher.fanout import expand_rows, payloads
-
-        lines = [run.line(payloads("completions", r["question"]), 128, r["sample_idx"])[1]
-                 for r in expand_rows(problems, 2)]
+        lines = [run.line(run.spec.payload(p["question"]), 1, i)[1] for p in problems for i in range(2)]
         c = openai.OpenAI(base_url=url, api_key="x")
         f = c.files.create(file=("in.jsonl", io.BytesIO("".join(json.dumps(x) + "\n" for x in lines).encode())),
                            purpose="batch")

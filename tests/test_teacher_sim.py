@@ -11,7 +11,7 @@ import pytest
 
 from ftcot_ray.config import TeacherConfig, TeacherSimConfig
 from ftcot_ray.prompts import answer_prompt, chat_messages, reasoning_prompt
-from ftcot_ray.teacher.cache import AnswerCache
+from ftcot_ray.teacher.answers import AnswerStore
 from ftcot_ray.teacher.client import Secret, TeacherClient, TeacherSetupError, preflight
 from ftcot_ray.teacher.limiter import JobGate, Permits
 from ftcot_ray.teacher.sim import MODEL_DESCRIPTION, running_sim
@@ -139,33 +139,41 @@ def test_preflight_names_an_unreachable_endpoint(port):
 
 
 def _client(url: str, tmp_path, **kw) -> TeacherClient:
+    """A client whose answers go to `tmp_path/cache` (its log), looking up what that store held when made."""
     t = TeacherConfig(concurrency=8, max_attempts=kw.pop("max_attempts", 6), backoff_base_s=0.01, backoff_max_s=0.05,
                       timeout_s=kw.pop("timeout_s", 5), temperature=0.7, **kw)
     gated = bool(t.rpm or t.tpm or t.budget_usd is not None)
-    permits = Permits(JobGate(rpm=t.rpm, tpm=t.tpm, budget_usd=t.budget_usd), gated, 200, 0.001 if gated else 0, local=True)
-    return TeacherClient(t, base_url=url, endpoint_id="sim-test", secret=Secret("x"),
-                         cache=AnswerCache(tmp_path / "cache"), permits=permits)
+    permits = Permits(JobGate(rpm=t.rpm, tpm=t.tpm, budget_usd=t.budget_usd), gated, 0.001 if gated else 0, local=True)
+    store = AnswerStore(tmp_path / "cache")
+    return TeacherClient(t, base_url=url, endpoint_id="sim-test", secret=Secret("x"), permits=permits,
+                         index=store.build_index(), log=store.log())
+
+
+def _run(client: TeacherClient, *steps):
+    """Run client.step calls on one event loop, then store what they got (the log closes into a block)."""
+    async def go():
+        try:
+            return await asyncio.gather(*(client.step(*a, **kw) for a, kw in steps))
+        finally:
+            await client.close()
+            client.log.close()
+
+    return asyncio.run(go())
 
 
 def test_client_retries_faults_then_caches(tmp_path):
     register_add_task()
     with running_sim(TeacherSimConfig(rate_429=0.2, retry_after_s=0.05, rate_500=0.2, rate_malformed=0.2, seed=1)) as url:
         client = _client(url, tmp_path)
-
-        async def go():
-            res = await asyncio.gather(*(client.step(reasoning_prompt(f"What is {i} plus 1?"), [0, 1], 128)
-                                         for i in range(10)))
-            await client.close()
-            return res
-
-        results = asyncio.run(go())
+        results = _run(client, *(((f"What is {i} plus 1?", None, [0, 1]), {}) for i in range(10)))
         flat = [r for d in results for r in d.values()]
         assert len(flat) == 20 and all(r.error is None and r.text for r in flat)
         assert client.delta["retries"] > 0 and sum(r.attempts for r in flat) > 20
         s = sim_stats(url)
         assert s["faults"] and s["answered"] == 20 and s["max_answers_per_prompt_sample"] == 1
+        assert AnswerStore(tmp_path / "cache").block_names()  # 20 answers: one block (fewer than a block's rows)
         again = _client(url, tmp_path)
-        res = asyncio.run(again.step(reasoning_prompt("What is 0 plus 1?"), [0, 1], 128))
+        (res,) = _run(again, (("What is 0 plus 1?", None, [0, 1]), {}))
         assert all(r.cached for r in res.values()) and sim_stats(url)["answered"] == 20  # nothing sent
 
 
@@ -173,17 +181,17 @@ def test_client_gives_up_after_max_attempts_with_the_error(tmp_path):
     register_add_task()
     with running_sim(TeacherSimConfig(rate_500=1.0)) as url:
         client = _client(url, tmp_path, max_attempts=3)
-        res = asyncio.run(client.step(reasoning_prompt(Q), [0], 128))[0]
-        assert res.error.startswith("gave up after 3 attempts: HTTP 500") and res.attempts == 3
+        (res,) = _run(client, ((Q, None, [0]), {}))
+        assert res[0].error.startswith("gave up after 3 attempts: HTTP 500") and res[0].attempts == 3
         assert sim_stats(url)["requests"]["/v1/completions"] == 3
-        assert AnswerCache(tmp_path / "cache").count() == 0  # errors are never cached
+        assert len(AnswerStore(tmp_path / "cache").build_index()) == 0  # errors are never stored
 
 
 def test_client_times_out_hung_requests_and_retries(tmp_path):
     register_add_task()
     with running_sim(TeacherSimConfig(rate_timeout=0.5, hang_s=5, seed=2)) as url:
         client = _client(url, tmp_path, timeout_s=0.5)
-        res = asyncio.run(client.step(reasoning_prompt(Q), [0, 1, 2, 3], 128))
+        (res,) = _run(client, ((Q, None, [0, 1, 2, 3]), {}))
         assert all(r.error is None for r in res.values())
         assert client.delta["failed_requests"] >= 1
 
@@ -192,10 +200,10 @@ def test_client_uses_n_for_contiguous_samples(tmp_path):
     register_add_task()
     with running_sim(TeacherSimConfig()) as url:
         client = _client(url, tmp_path, use_n=True)
-        res = asyncio.run(client.step(reasoning_prompt(Q), [0, 1, 2, 3], 128))
+        (res,) = _run(client, ((Q, None, [0, 1, 2, 3]), {}))
         assert len(res) == 4 and sim_stats(url)["requests"]["/v1/completions"] == 1
         separate = _client(url, tmp_path / "other")
-        res2 = asyncio.run(separate.step(reasoning_prompt(Q), [0, 1, 2, 3], 128))
+        (res2,) = _run(separate, ((Q, None, [0, 1, 2, 3]), {}))
         assert [res[i].text for i in range(4)] == [res2[i].text for i in range(4)]  # same samples either way
 
 

@@ -14,7 +14,7 @@ import pytest
 from ftcot_ray import cli
 from ftcot_ray.artifacts import MANIFEST, stage_dir
 from ftcot_ray.config import TeacherSimConfig, dump_config
-from ftcot_ray.io import read_jsonl
+from ftcot_ray.tables import read_table
 from ftcot_ray.stages import teach
 from ftcot_ray.teacher.client import TeacherSetupError
 from ftcot_ray.teacher.sim import running_sim
@@ -30,7 +30,7 @@ def _task():
 
 
 def _table(cfg) -> list[dict]:
-    return read_jsonl(stage_dir(cfg, "teach") / "completions.jsonl")
+    return read_table(stage_dir(cfg, "teach"), "completions")
 
 
 def test_two_step_prompts_d_samples_and_20pct_faults_leave_no_row_missing(ray_session, tmp_path):
@@ -73,7 +73,7 @@ def test_chat_api_and_reruns_send_nothing(ray_session, tmp_path):
         asked = _table(cfg)
         (stage_dir(cfg, "teach") / MANIFEST).unlink()  # an unfinished stage whose answers are all cached
         again = teach.run(cfg, progress=False)
-        assert again["cache_hits"] == 12 and again["requests"] == 0
+        assert again["cache_hits"] == 24 and again["requests"] == 0  # both steps of 12 rows, from the store
         assert sim_stats(url)["requests"]["/v1/chat/completions"] == sent
     # The table rebuilt from the cache alone is the table the requests gave, but for `attempts`
     # (none were made this time).
@@ -162,6 +162,7 @@ def test_sigkill_of_the_driver_stops_every_request_leaves_no_process_and_the_rer
         s = sim_stats(url)
     rows = _table(cfg)
     assert len(rows) == 16 and all(r["error"] is None for r in rows)
+    assert len({(r["sample_index"], r["sample_idx"]) for r in rows}) == 16  # no duplicate row
     # Only what was on the wire at the kill is asked again (here: never answered, the client had
     # gone), and the summary counts it.
     assert s["answered_keys"] == 32 and s["answered"] == 32 and s["abandoned"] >= 1

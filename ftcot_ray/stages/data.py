@@ -1,11 +1,19 @@
-"""Data stage: a benchmark, a synthetic task or your own file -> problems.jsonl + split.json.
+"""Data stage: a benchmark, a synthetic task or your own data -> the problems table + split.json.
 
     ftcot data --dataset multiarith --source ../shared/datasets/zero_shot_cot/dataset --out runs/data
+    ftcot data --dataset my_task --source s3://bucket/questions/ data.answer_format=number_exact
 
-Reads: the raw source (data.source). Writes: the `problems` table, split.json.
-Everything is read and checked before anything is written, so a malformed source leaves no
-output behind. The key covers the source file's content, so an edited file is read again.
-Runs on the driver: loading a benchmark takes well under a second.
+Reads: the raw source (data.source). Writes: the `problems` table, split.json. Everything is read
+and checked before anything is written, so a malformed source leaves no output behind. The key
+covers the source's content, so an edited file is read again.
+
+Where it runs: the paper's benchmarks and the synthetic tasks are built on the driver (well under a
+second; a JSONL table). Your own data is a Ray Data pipeline (Parquet shards), never loaded whole by
+the driver, which holds two 8-byte hashes a record to find repeated questions:
+
+    files (ftcot_ray/readers.py, each record checked) -> held in the object store
+      -> the hashes (question, answer) and file positions -> repeats merged, conflicts dropped
+      -> numbered in file order, split (the file's column, or the paper's 70/30) -> problems shards
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from ..config import Config
 from ..errors import DataError, FtcotError, InputFileError
 from ..schemas import PROBLEM_COLUMNS
 from ..tasks.base import Task
-from ..tasks.custom import dedup_records, is_custom, resolve_task
+from ..tasks.custom import is_custom, resolve_task
 from ..tasks.splits import paper_split
 
 STAGE = "data"
@@ -78,19 +86,11 @@ def cross_split_repeats(rows: list[dict]) -> int:
 
 
 def build(cfg: Config) -> tuple[list[dict], dict[str, list[int]], list[str]]:
-    """(problem rows, split, notes) for the configured dataset; all checks, no writes."""
+    """(problem rows, split, notes) for a registered dataset (a paper benchmark, a synthetic task);
+    all checks, no writes."""
     task = resolve_task(cfg.data)
     records = load_records(task, cfg)
     notes = []
-    if is_custom(cfg.data):
-        # Your own file: repeated questions are merged before the split (the paper's benchmarks keep
-        # the paper's splits exactly, so they are only counted, below).
-        records, dups = dedup_records(records)
-        if dups["merged"] or dups["conflicting"]:
-            notes.append(f"{dups['merged']} repeated questions merged into their first record; "
-                         f"{dups['conflicting']} records dropped: the same question with different answers")
-        if not records:
-            raise DataError(f"{cfg.data.source}: no records left after dropping conflicting duplicates")
     split = {k: sorted(v) for k, v in make_split(task, records, cfg).items()}
     check_split(records, split, task.name)
     rows = problem_rows(records, split, cfg.data.dataset)
@@ -109,6 +109,8 @@ def run(cfg: Config, out: Path | None = None, inp: Path | None = None) -> dict:
     st = open_stage(cfg, STAGE, out, needs=None)
     if st.reused:
         return st.summary
+    if is_custom(cfg.data):
+        return run_custom(cfg, st)
     rows, split, notes = build(cfg)
     st.write("problems", rows)
     st.write_json("split.json", {"train": split.get("train", []), "test": split.get("test", [])})
@@ -121,3 +123,125 @@ def run(cfg: Config, out: Path | None = None, inp: Path | None = None) -> dict:
         "out": str(st.out),
     }
     return st.finish(summary, OUTPUTS)
+
+
+# --------------------------------------------------------------------------- your own data, on Ray Data
+
+
+def run_custom(cfg: Config, st) -> dict:
+    """Your own records -> problems shards (see the module docstring)."""
+    import numpy as np
+    import ray
+
+    from ..dataplane import collect_rows, map_rows, ordered, user_errors
+    from ..ray_utils import init_ray
+    from ..tables import iter_table, write_dataset
+    from ..tasks.custom import custom_task, read_records
+
+    custom_task(cfg.data)  # says which data.answer_format is missing before anything is read
+    init_ray(cfg)
+    source = str(cfg.data.source)
+    with user_errors():
+        records = ordered(read_records(cfg.data)).materialize()  # read and checked, all of it, before any write
+        parts = collect_rows(records, record_counts, batch_size=65536)
+        n, with_split = sum(p["n"] for p in parts), sum(p["with_split"] for p in parts)
+        if not n:
+            raise InputFileError(f"{source}: no records")
+        if 0 < with_split < n:
+            raise InputFileError(f"{source}: {with_split} of {n} records have a 'split'; give it on all or none")
+        order, qh, ah = record_keys(records, parts)
+        dropped, merged, conflicting = repeats(order, qh, ah)
+        kept = n - len(dropped)
+        if not kept:
+            raise DataError(f"{source}: no records left after dropping conflicting duplicates")
+        train = None if with_split else np.zeros(kept, dtype=bool)
+        if train is not None:
+            train[paper_split(kept)["train"]] = True
+        offsets = file_offsets(parts)
+        problems = map_rows(records, number_records, offsets=ray.put(offsets), dropped=ray.put(dropped),
+                            train=ray.put(train) if train is not None else None, dataset=cfg.data.dataset)
+        st.tables["problems"] = write_dataset(problems, st.target(), "problems", expected_rows=kept)
+    split: dict[str, list[int]] = {"train": [], "test": []}
+    for batch in iter_table(st.target(), "problems", ("sample_index", "split")):
+        for r in batch:
+            split[r["split"]].append(int(r["sample_index"]))
+    st.write_json("split.json", {k: sorted(v) for k, v in split.items()})
+    notes = [f"{merged} repeated questions merged into their first record; {conflicting} records dropped: the "
+             "same question with different answers"] if merged or conflicting else []
+    if not split["train"]:
+        notes.append(f"{cfg.data.dataset}: no train split")
+    summary = {"stage": STAGE, "dataset": cfg.data.dataset, "n": kept,
+               "counts": {"train": len(split["train"]), "test": len(split["test"])}, "notes": notes,
+               "records": n, "files": len(offsets), "out": str(st.out)}
+    return st.finish(summary, OUTPUTS)
+
+
+def record_counts(rows: list[dict]) -> dict:
+    """Per batch: records, records with a split, and records per file (`_file` -> count)."""
+    files: dict[int, int] = {}
+    for r in rows:
+        files[r["_file"]] = files.get(r["_file"], 0) + 1
+    return {"n": len(rows), "with_split": sum(r["split"] is not None for r in rows), "files": files}
+
+
+def file_offsets(parts: list[dict]):
+    """Each file's first record's place in file order (files by their sorted index)."""
+    import numpy as np
+
+    counts: dict[int, int] = {}
+    for p in parts:
+        for f, c in p["files"].items():
+            counts[int(f)] = counts.get(int(f), 0) + c
+    sizes = np.zeros(max(counts) + 1 if counts else 0, dtype=np.int64)
+    for f, c in counts.items():
+        sizes[f] = c
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]) if len(sizes) else sizes
+
+
+def record_keys(records, parts):
+    """(file-order position, question hash, answer hash) of every record: three int64 columns."""
+    import numpy as np
+
+    offsets = file_offsets(parts)
+    order, qh, ah = [], [], []
+    for b in records.select_columns(["_file", "_row", "_qh", "_ah"]).iter_batches(batch_size=65536,
+                                                                                  batch_format="numpy"):
+        order.append(offsets[b["_file"]] + b["_row"])
+        qh.append(b["_qh"])
+        ah.append(b["_ah"])
+    return np.concatenate(order), np.concatenate(qh), np.concatenate(ah)
+
+
+def repeats(order, qh, ah):
+    """Repeated questions: the same answer merged into the first record (file order); different answers
+    dropped altogether (which one is right cannot be told). Returns (dropped positions, sorted; merged
+    count; conflicting count)."""
+    import numpy as np
+
+    by = np.lexsort((order, qh))  # by question, then file order
+    q, a, o = qh[by], ah[by], order[by]
+    first = np.r_[True, q[1:] != q[:-1]]  # the first record of each question
+    group = np.cumsum(first) - 1
+    a_min = np.minimum.reduceat(a, np.flatnonzero(first))
+    a_max = np.maximum.reduceat(a, np.flatnonzero(first))
+    conflict = (a_min != a_max)[group]
+    dropped = np.sort(np.concatenate([o[conflict], o[~conflict & ~first]]))
+    return dropped, int((~conflict & ~first).sum()), int(conflict.sum())
+
+
+def number_records(rows: list[dict], offsets, dropped, train, dataset: str) -> list[dict]:
+    """The kept records of a batch as problem rows: sample_index = file-order position minus the
+    dropped records before it; the split from the record, else the paper's split (`train` mask)."""
+    import numpy as np
+
+    out = []
+    for r in rows:
+        pos = int(offsets[r["_file"]] + r["_row"])
+        before = int(np.searchsorted(dropped, pos))
+        if before < len(dropped) and dropped[before] == pos:
+            continue
+        i = pos - before
+        split = r["split"] or ("train" if train[i] else "test")
+        out.append({"sample_index": i, "question": r["question"], "answer": r["answer"], "split": split,
+                    "dataset": dataset})
+    return out

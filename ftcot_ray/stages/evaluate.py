@@ -2,11 +2,13 @@
 
     ftcot eval --config quickstart eval.student=<exported folder> eval.split=test
 
-Where it runs: Ray Data, an actor pool of `eval.num_replicas` student replicas (each loads the
-model once) over batches of `eval.batch_size` problems; problems are sorted by length first so a
-batch pads little. An OpenAI-compatible endpoint (baselines) is asked with a bounded-concurrency
-AsyncOpenAI loop instead (DESIGN: the fastest shape for HTTP fan-out on few cores).
-What it does (prompts, answer rules, vote, metrics) lives in ftcot_ray/evaluation.py.
+Where it runs: one Ray Data pipeline, streamed from the problems table to the predictions' Parquet
+shards: the split's questions -> an actor pool of `eval.num_replicas` student replicas (each loads
+the model once; a batch of questions is sorted by length and generated `eval.batch_size` at a time,
+so little is padded) -> grading -> shards; the metrics are added up from per-batch counters. An
+OpenAI-compatible endpoint (baselines) is asked by async actors instead, each with the project's
+pooled endpoint client. What it does (prompts, answer rules, vote, metrics) lives in
+ftcot_ray/evaluation.py.
 """
 
 from __future__ import annotations
@@ -15,18 +17,19 @@ import asyncio
 import json
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
 from .. import evaluation as ev
 from ..artifacts import is_done, open_stage, remote_of, require, stage_dir
 from ..config import Config
+from ..dataplane import collect_rows, map_rows, user_errors
 from ..errors import DataError, InputMissing
-from ..schemas import read_table, table_path
 from ..student.card import read_card
+from ..tables import has_table, locate, read_dataset, write_dataset
 
 STAGE = "eval"
-INPUTS = ("problems",)
 OUTPUTS = ("predictions",)
 ZERO_SHOT_COT_ANSWER_TOKENS = 32  # step 2 only has to say the answer (the teacher's answer_max_tokens)
 
@@ -43,24 +46,28 @@ def resolve_method(cfg: Config, student: Optional[Path] = None) -> str:
 
 
 def problems_path(cfg: Config, inp: str | Path | None) -> Path:
-    """`--in` (a problems file or a folder holding problems.jsonl), else the curate stage's table."""
+    """`--in` (a problems table: its JSONL file, its folder of shards, or the folder holding it), else the
+    curate stage's table."""
     if inp:
-        p = table_path(inp, "problems")
-        if not p.is_file():
-            raise InputMissing(f"problems table {p} not found (--in takes a problems.jsonl or its folder)")
+        p = locate(inp, "problems")
+        if not has_table(p, "problems"):
+            raise InputMissing(f"problems table {p} not found (--in takes a problems table or the folder holding it)")
         return p
     is_done(cfg, stage_dir(cfg, "curate"))  # fetched first when the run folder is remote
-    return table_path(require(stage_dir(cfg, "curate"), "curate"), "problems")
+    return locate(require(stage_dir(cfg, "curate"), "curate"), "problems")
 
 
-def load_problems(path: Path, split: str) -> list[dict]:
-    rows = read_table(path, "problems", columns=("sample_index", "question", "answer", "split"))
-    chosen = [r for r in rows if r["split"] == split]
-    if not chosen:
-        splits = sorted({r["split"] for r in rows})
-        raise DataError(f"{path}: no problems in split {split!r} (splits present: {', '.join(splits)}); "
+def split_questions(path: Path, split: str):
+    """The split's questions as a Ray Dataset; an error naming the splits present when it has none."""
+    columns = ("sample_index", "question", "answer", "split")
+    counts: Counter = Counter()
+    for part in collect_rows(read_dataset(path, "problems", columns).select_columns(["split"]),
+                             lambda rows: dict(Counter(r["split"] for r in rows)), batch_size=65536):
+        counts.update(part)
+    if not counts.get(split):
+        raise DataError(f"{path}: no problems in split {split!r} (splits present: {', '.join(sorted(counts))}); "
                         "set eval.split")
-    return chosen
+    return read_dataset(path, "problems", columns).filter(lambda r: r["split"] == split), counts[split]
 
 
 def student_path(cfg: Config) -> Path:
@@ -106,8 +113,11 @@ class StudentPredictor:
         seconds = time.perf_counter() - t0
         out = {
             "sample_index": indices,
+            "question": questions,
+            "answer": [str(a) for a in batch["answer"]],
             "outputs": outputs,
             "output_tokens": tokens,
+            "error": [None] * len(indices),
             "gen_seconds": [seconds / len(indices)] * len(indices),
         }
         if self.rationales and self.method == "step_by_step":  # on request, outside the timed answer
@@ -146,20 +156,13 @@ def step_by_step_rationales(student, questions: list[str], max_new_tokens: int, 
     return [g[0].text for g in generate(student, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)]
 
 
-def ray_generate(cfg: Config, path: Path, method: str, problems: list[dict], exemplars: Optional[str]) -> tuple[list[dict], float]:
-    """Generation over the Ray Data actor pool; rows {sample_index, outputs, output_tokens} and summed gen seconds."""
+def student_outputs(cfg: Config, path: Path, method: str, questions, exemplars: Optional[str]):
+    """The pipeline's generation step over the Ray Data actor pool of student replicas (lazy)."""
     import ray
 
-    from ..ray_utils import init_ray
-
-    init_ray(cfg)
     e = cfg.eval
-    # Sort by length so each batch holds similar prompts: little padding, similar stop times.
-    items = sorted(({"sample_index": p["sample_index"], "question": p["question"]} for p in problems),
-                   key=lambda r: len(r["question"]))
-    # One block per batch: Ray Data's default (up to 200 tiny blocks) only adds scheduling overhead here.
-    blocks = max(1, -(-len(items) // e.batch_size))
-    ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+    # Up to 8 generation batches per Ray Data batch: `generate` sorts them by length (little padding).
+    return questions.map_batches(
         StudentPredictor,
         fn_constructor_kwargs=dict(
             path=remote_of(cfg, path) or str(path.resolve()), method=method, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
@@ -167,64 +170,76 @@ def ray_generate(cfg: Config, path: Path, method: str, problems: list[dict], exe
             torch_threads=e.torch_threads or max(1, int(e.cpus_per_replica)), exemplars=exemplars,
             rationales=e.rationales,
         ),
-        batch_size=e.batch_size,
+        batch_size=8 * e.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=e.num_replicas),  # each replica loads the model once
         num_cpus=e.cpus_per_replica,
     )
-    rows = ds.take_all()
-    gen_seconds = sum(float(r["gen_seconds"]) for r in rows)
-    return [
-        {"sample_index": int(r["sample_index"]), "outputs": [str(o) for o in r["outputs"]],
-         "output_tokens": [int(t) for t in r["output_tokens"]]} | ({"rationale": str(r["rationale"])} if "rationale" in r else {})
-        for r in rows
-    ], gen_seconds
 
 
 # --------------------------------------------------------------------------- OpenAI-compatible endpoint
 
 
-async def _endpoint_outputs(cfg: Config, method: str, problems: list[dict], exemplars: Optional[str]) -> list[dict]:
-    """Every problem asked of `eval.endpoint` through the shared endpoint component (one pooled
-    client, one retry policy, chat vs completions in one place: ftcot_ray/endpoint.py)."""
-    from ..endpoint import CallError, Endpoint, Secret
+class EndpointPredictor:
+    """One async worker asking `eval.endpoint` for its batches (the project's pooled endpoint client, one
+    retry policy, chat vs completions in one place: ftcot_ray/endpoint.py). The key comes as a `Secret`,
+    read from the driver's environment when the stage starts: never logged or written."""
 
-    e, ep = cfg.eval, cfg.eval.endpoint
-    # The key is read from the environment at call time and never logged or written.
-    client = Endpoint.from_config(ep, Secret(os.environ.get(ep.api_key_env) or "EMPTY"))
-    stop = list(ev.PROMPT_STOPS) if ep.api == "completions" else None
+    def __init__(self, eval_cfg: dict, method: str, exemplars: Optional[str], secret):
+        from ..config import EvalConfig
 
-    async def ask(prompt: str, n: int, temperature: float, max_tokens: int) -> tuple[list[str], int]:
-        r = await client.complete(prompt, n=n, temperature=temperature, max_tokens=max_tokens, stop=stop)
+        self.e = EvalConfig.model_validate(eval_cfg)
+        self.method, self.exemplars, self.secret = method, exemplars, secret
+        self.client = None
+
+    async def __call__(self, batch: dict):
+        from ..endpoint import Endpoint
+
+        if self.client is None:  # on the worker's event loop
+            self.client = Endpoint.from_config(self.e.endpoint, self.secret)
+        rows = [{"sample_index": int(i), "question": str(q), "answer": str(a)}
+                for i, q, a in zip(batch["sample_index"], batch["question"], batch["answer"])]
+        out = await asyncio.gather(*(self.one(r) for r in rows))
+        yield {k: [r[k] for r in out] for k in ("sample_index", "question", "answer", "outputs", "output_tokens",
+                                                   "error")}
+
+    async def ask(self, prompt: str, n: int, temperature: float, max_tokens: int) -> tuple[list[str], int]:
+        stop = list(ev.PROMPT_STOPS) if self.e.endpoint.api == "completions" else None
+        r = await self.client.complete(prompt, n=n, temperature=temperature, max_tokens=max_tokens, stop=stop)
         return [ev.cut_at_stop(text) for text, _ in r.choices], r.completion_tokens
 
-    async def one(p: dict) -> dict:
+    async def one(self, p: dict) -> dict:
+        from ..endpoint import CallError
+
+        e, method = self.e, self.method
         try:
-            prompt = ev.first_prompt(method, p["question"], "decoder", exemplars)
-            outs, used = await ask(prompt, e.samples, e.temperature, e.max_new_tokens)
+            prompt = ev.first_prompt(method, p["question"], "decoder", self.exemplars)
+            outs, used = await self.ask(prompt, e.samples, e.temperature, e.max_new_tokens)
             if method == "zero_shot_cot":
-                step2 = await asyncio.gather(*(ask(ev.zero_shot_cot_answer_prompt(p["question"], r), 1, 0.0,
-                                                   ZERO_SHOT_COT_ANSWER_TOKENS) for r in outs))
+                step2 = await asyncio.gather(*(self.ask(ev.zero_shot_cot_answer_prompt(p["question"], r), 1, 0.0,
+                                                        ZERO_SHOT_COT_ANSWER_TOKENS) for r in outs))
                 outs = [ev.zero_shot_cot_output(r, a[0][0]) for r, a in zip(outs, step2)]
             per = used // max(1, len(outs))
-            return {"sample_index": p["sample_index"], "outputs": outs, "output_tokens": [per] * len(outs),
-                    "error": None}
+            return p | {"outputs": outs, "output_tokens": [per] * len(outs), "error": None}
         except CallError as exc:  # a failed request is a graded-wrong row with its error, never a lost question
-            return {"sample_index": p["sample_index"], "outputs": [""] * e.samples, "output_tokens": [],
-                    "error": str(exc)[:500]}  # already redacted of the key
-
-    try:
-        from tqdm.asyncio import tqdm_asyncio
-
-        return await tqdm_asyncio.gather(*(one(p) for p in problems), desc=f"eval {ep.model}", mininterval=2)
-    finally:
-        await client.close()
+            return p | {"outputs": [""] * e.samples, "output_tokens": [], "error": str(exc)[:500]}  # already redacted
 
 
-def endpoint_generate(cfg: Config, method: str, problems: list[dict], exemplars: Optional[str]) -> list[dict]:
-    from ..endpoint import run_sync
+def endpoint_outputs(cfg: Config, method: str, questions, exemplars: Optional[str]):
+    """The pipeline's generation step against `eval.endpoint` (lazy): async workers, `concurrency` in flight."""
+    import ray
 
-    return run_sync(lambda: _endpoint_outputs(cfg, method, problems, exemplars))
+    from ..endpoint import Secret
+
+    e = cfg.eval
+    per_batch = max(1, e.endpoint.concurrency)
+    secret = Secret(os.environ.get(e.endpoint.api_key_env) or "EMPTY")  # the driver's environment, as for the teacher
+    return questions.map_batches(
+        EndpointPredictor, fn_constructor_kwargs={"eval_cfg": e.model_dump(mode="json"), "method": method,
+                                                  "exemplars": exemplars, "secret": secret},
+        batch_size=per_batch, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=4, max_concurrent_calls_per_actor=4),
+        num_cpus=0.25)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -282,34 +297,37 @@ def _prod(shape) -> int:
     return out
 
 
-def evaluate_problems(cfg: Config, problems: list[dict], method: str, student: Optional[Path]) -> tuple[list[dict], dict]:
-    """Generate + grade; returns (predictions, metrics). Plain entry point for the pipeline and Tune."""
+def evaluate_to(cfg: Config, src: Path, method: str, student: Optional[Path], out: Path) -> tuple[dict, dict]:
+    """Generate + grade the split's problems of `src`, predictions written as shards in `out`; returns
+    (the predictions table's manifest entry, metrics). The plain entry point for the pipeline and Tune."""
+    from ..ray_utils import init_ray
     from ..tasks.custom import resolve_task
 
+    init_ray(cfg)
     task = resolve_task(cfg.data)
     exemplars = ev.render_exemplars(ev.few_shot_exemplars(cfg.data.dataset)) if method == "few_shot_cot" else None
     t0 = time.perf_counter()
-    if cfg.eval.endpoint:
-        gen_rows, gen_seconds = endpoint_generate(cfg, method, problems, exemplars), None
-    else:
-        gen_rows, gen_seconds = ray_generate(cfg, student, method, problems, exemplars)
+    with user_errors():
+        questions, n = split_questions(src, cfg.eval.split)
+        outputs = (endpoint_outputs(cfg, method, questions, exemplars) if cfg.eval.endpoint
+                   else student_outputs(cfg, student, method, questions, exemplars))
+        graded = map_rows(outputs, ev.grade_batch, task=task, method=method, require_marker=cfg.eval.require_marker)
+        entry = write_dataset(graded, out, "predictions", expected_rows=n)
+        parts = collect_rows(read_dataset(out, "predictions"), ev.batch_metrics, k=cfg.eval.samples)
     wall = time.perf_counter() - t0
-    by_index = {r["sample_index"]: r for r in gen_rows}
-    rows = [p | by_index[p["sample_index"]] for p in problems]
-    predictions = ev.grade_rows(task, rows, method, cfg.eval.require_marker)
-    metrics = ev.compute_metrics(predictions, k=cfg.eval.samples)
-    n = len(predictions)
+    metrics = ev.metrics_from_parts(parts, k=cfg.eval.samples)
+    gen_seconds = sum(p["gen_seconds"] for p in parts)
     metrics |= {
-        "examples_per_s": n / wall if wall else None,  # wall time incl. actor start-up and model load
+        "examples_per_s": metrics["n"] / wall if wall else None,  # wall time incl. actor start-up and model load
         "wall_s": round(wall, 3),
         "temperature": cfg.eval.temperature,
         "max_new_tokens": cfg.eval.max_new_tokens,
         "num_replicas": cfg.eval.num_replicas,
-        "errors": sum(p.get("error") is not None for p in predictions),
+        "errors": sum(p["errors"] for p in parts),
     }
-    if gen_seconds:  # generation only (summed over replicas): the steady-state figure
-        metrics["examples_per_s_generation"] = n / (gen_seconds / cfg.eval.num_replicas)
-    return predictions, metrics
+    if gen_seconds and not cfg.eval.endpoint:  # generation only (summed over replicas): the steady-state figure
+        metrics["examples_per_s_generation"] = metrics["n"] / (gen_seconds / cfg.eval.num_replicas)
+    return entry, metrics
 
 
 def run(cfg: Config, out: Path | None = None, inp: Path | None = None) -> dict:
@@ -317,14 +335,12 @@ def run(cfg: Config, out: Path | None = None, inp: Path | None = None) -> dict:
     if st.reused:
         return st.summary
     src = problems_path(cfg, inp)
-    problems = load_problems(src, cfg.eval.split)
     student = None if cfg.eval.endpoint else student_path(cfg)
     method = resolve_method(cfg, student)
-    predictions, metrics = evaluate_problems(cfg, problems, method, student)
+    st.tables["predictions"], metrics = evaluate_to(cfg, src, method, student, st.target())
     metrics = _labels(cfg, method, student) | (_student_facts(student) if student else {}) | metrics
     metrics |= _selection(student)
     metrics["problems"] = str(src)
-    st.write("predictions", predictions)
     st.write_json("metrics.json", metrics)
     summary = {k: metrics.get(k) for k in ("method", "dataset", "split", "diversity", "student", "accuracy", "n",
                                             "correct", "well_formed", "k", "accuracy_at_1", "accuracy_at_k",

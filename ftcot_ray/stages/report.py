@@ -1,7 +1,7 @@
 """`ftcot report RUN_DIR`: one table and a few plots for every evaluation of a run.
 
 Reads RUN_DIR/eval/*/metrics.json (finished stages only) and, for the teacher's row,
-RUN_DIR/curate/*/curated.jsonl; writes RUN_DIR/report.md, RUN_DIR/results.json and PNGs:
+RUN_DIR/curate/*/ (its curated table, streamed); writes RUN_DIR/report.md, RUN_DIR/results.json and PNGs:
 accuracy per method (bar), accuracy vs D (Fine-tune-CoT, one line per student), accuracy vs
 student size (when several sizes were evaluated). Optional MLflow logging (`report.mlflow_uri`).
 """
@@ -19,6 +19,7 @@ from ..config import Config
 from ..errors import InputMissing
 from ..evaluation import teacher_metrics
 from ..io import read_json
+from ..tables import has_table
 
 METHOD_NAMES = {
     "teacher": "Teacher",
@@ -77,7 +78,7 @@ def _teacher_rows(run_dir: Path, split: str) -> list[dict]:
     """The teacher's accuracy at sample_idx 0; every D shares it, so identical rows are kept once."""
     seen, rows = set(), []
     for cdir in sorted(run_dir.glob("curate/*")):
-        if not (is_complete(cdir) and (cdir / "curated.jsonl").is_file()):
+        if not (is_complete(cdir) and has_table(cdir, "curated")):
             continue
         try:
             m = teacher_metrics(cdir, split)

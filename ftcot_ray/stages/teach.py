@@ -4,14 +4,18 @@
         teacher.api_key_env=OPENAI_API_KEY teacher.samples=8 teacher.temperature=0.7
     ftcot teach --dry-run [teacher.pilot=5]     # requests, tokens and dollars before any paid call
     ftcot teach ... teacher.mode=batch          # the OpenAI Batch API, at its price
+    ftcot teach --migrate-cache                 # a per-answer cache from before 2026-12 into blocks
     ftcot teach import --from reasoning-teacher D_multiarith.json --out DIR [--split multiarith__default.json]
 
-Without `teacher.base_url` it starts the local teacher-sim (`teacher.sim`). Every answered request
-is cached at once (`teacher.cache_dir`, default <run_dir>/teacher_cache), so a killed run resumes
-where it stopped; rows whose two steps are both cached are assembled here, without Ray or a request.
-A finished stage is reused; `--retry-errors` re-asks only the rows that ended with an error, and a
-run stopped by `teacher.budget_usd` continues when it is raised. The summary puts the projection
-made before the first request next to what the run then sent and spent.
+The recipe: make the answer store whole (an old per-answer cache migrated, the journals of killed
+workers turned into blocks on every node), index it, project what the run will send, then stream
+the questions through the Ray Data fan-out (teacher/fanout.py) and write the completions as Parquet
+shards as blocks finish. Without `teacher.base_url` it starts the local teacher-sim (`teacher.sim`).
+Every answer is stored at once (`teacher.cache_dir`, default <run_dir>/teacher_cache), so a killed
+run resumes where it stopped, asking again only what was on the wire. A finished stage is reused;
+`--retry-errors` re-asks only the rows that ended with an error, and a run stopped by
+`teacher.budget_usd` continues when it is raised. The summary puts the projection made before the
+first request next to what the run then sent and spent.
 """
 
 from __future__ import annotations
@@ -20,19 +24,20 @@ import contextlib
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Iterator, Optional
 
 from .. import logs
 from ..artifacts import is_complete, open_stage, require, stage_dir
 from ..config import Config
-from ..schemas import read_table
+from ..errors import DataError
+from ..dataplane import user_errors
+from ..tables import is_sharded, iter_table, locate, read_dataset, sharded_entry
 from ..teacher import projection
-from ..teacher.cache import AnswerCache
-from ..teacher.fanout import cached_row, clear_journals, expand_rows, fan_out, resent_keys, take_journals
+from ..teacher.answers import AnswerStore
 
 STAGE = "teach"
-INPUTS = ("problems",)
 OUTPUTS = ("completions",)
 
 
@@ -65,11 +70,10 @@ def teacher_endpoint(cfg: Config) -> Iterator[dict]:
 
 
 def cache_dir(cfg: Config) -> str:
+    from .. import storage
     from ..artifacts import run_root
 
-    from .. import storage
-
-    # A URI when the run folder is remote: every fan-out actor, on any node, reads and writes answers there.
+    # A URI when the run folder is remote: every fan-out worker, on any node, reads and writes answers there.
     if cfg.teacher.cache_dir:
         return cfg.teacher.cache_dir if storage.is_uri(cfg.teacher.cache_dir) else str(Path(cfg.teacher.cache_dir).resolve())
     if storage.is_uri(cfg.run_dir):
@@ -91,28 +95,29 @@ def run(cfg: Config, out: Path | None = None, inp: Path | None = None, *, retry_
     if st.reused:
         return st.summary
     t = cfg.teacher
-    rows = expand_rows([p for p in st.read("problems") if p["split"] in t.splits], t.samples)
-    cache = AnswerCache(cache_dir(cfg))
-    on_the_wire = resent_keys(cache, take_journals(cache.root))  # asked by a run that was killed mid-request
     start = time.time()
+    store = AnswerStore(cache_dir(cfg))
+    if t.mode == "sync":
+        from ..ray_utils import init_ray
+
+        init_ray(cfg)  # inside the timing: Ray start-up is part of what a user waits for
+    resent = make_store_whole(store, ray_nodes=t.mode == "sync")
     with teacher_endpoint(cfg) as ep:
-        projected = projection.project(rows, t, ep["endpoint_id"], cache, [t.samples])
-        done, todo = split_cached(rows, cfg, ep["endpoint_id"])
-        stats = {}
-        if todo:
-            answered, stats = ask(cfg, todo, ep, spent_usd=sum(r["cost_usd"] for r in done), cached=len(done),
-                                  total=len(rows), progress=progress)
-            done += answered
-    done.sort(key=lambda r: (r["sample_index"], r["sample_idx"]))
-    if len(done) != len(rows):
-        raise RuntimeError(f"teacher fan-out returned {len(done)} rows for {len(rows)}: refusing to write a partial table")
-    st.write("completions", done)
-    summary = make_summary(cfg, done, stats, time.time() - start, ep["label"])
-    summary["resent_after_interrupt"] = len(on_the_wire)
-    summary["projected"] = projected["by_D"][-1] | {"tokenizer": projected["tokenizer"]}
+        if t.mode == "batch":
+            stats, projected = ask_in_batches(cfg, st, store, ep)
+        else:
+            stats, projected = ask_with_ray_data(cfg, st, store, ep, progress)
+    entry = sharded_entry(str(locate(st.target(), "completions")), "completions")
+    expected = projected["rows"]
+    if entry["rows"] != expected:
+        raise RuntimeError(f"the teacher pipeline wrote {entry['rows']} rows for {expected}: refusing to mark a partial "
+                           "table done")
+    st.tables["completions"] = entry
+    summary = make_summary(cfg, stats, time.time() - start, ep["label"])
+    summary["resent_after_interrupt"] = len(resent)
+    summary["projected"] = projected | {"tokenizer": projected.get("tokenizer")}
     summary["actual"] = projection.actual(stats, t)
     st.finish(summary, OUTPUTS)
-    clear_journals(cache.root)  # this run's own: every request it sent is answered or an error row
     if summary["budget_stopped"]:
         print(f"ftcot teach: stopped sending before teacher.budget_usd={t.budget_usd} would be exceeded: "
               f"{summary['budget_unsent']} rows not asked (error 'budget: ...'); raise the budget and re-run "
@@ -120,48 +125,163 @@ def run(cfg: Config, out: Path | None = None, inp: Path | None = None, *, retry_
     return summary
 
 
-def ask(cfg: Config, todo: list[dict], ep: dict, *, spent_usd: float, cached: int, total: int,
-        progress: bool) -> tuple[list[dict], dict]:
-    """The rows not in the cache, through the Batch API or the fan-out on Ray actors."""
+# --------------------------------------------------------------------------- the answer store
+
+
+def make_store_whole(store: AnswerStore, ray_nodes: bool) -> set[str]:
+    """Migrate a per-answer cache, and turn the journals of killed workers into blocks (on every node of
+    the Ray cluster, where each keeps its own journals). Returns the keys those workers had on the wire."""
+    store.migrate_legacy(say=logs.say)
+    if not ray_nodes:
+        return store.recover_orphans()["on_wire"]
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    recover = ray.remote(num_cpus=0)(_recover)
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) <= 1:  # this machine only (a laptop): no task needed
+        return _recover(store.root)
+    refs = [recover.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(store.root)
+            for n in nodes]
+    return set().union(*ray.get(refs)) if refs else set()
+
+
+def _recover(root: str) -> set[str]:
+    return AnswerStore(root).recover_orphans()["on_wire"]
+
+
+def index_ref(store: AnswerStore, on_driver: bool):
+    """The store's index in the object store, for every worker to share: built here for a small run,
+    in a Ray task otherwise (None when the store holds nothing yet)."""
+    import ray
+
+    if not store.block_names():
+        return None
+    if on_driver:
+        return ray.put(store.build_index())
+    return ray.remote(num_cpus=0)(_build_index).remote(store.root)
+
+
+def _build_index(root: str):
+    return AnswerStore(root).build_index()
+
+
+# --------------------------------------------------------------------------- asking
+
+
+def questions_of(cfg: Config, st):
+    """The problems to ask about: a Ray Dataset streamed from the data stage's shards, or, for a small
+    JSONL table (the paper's benchmarks, the synthetic tasks), the list itself (it fits by construction,
+    and saves a Ray Data read)."""
+    splits = set(cfg.teacher.splits)
+    columns = ("sample_index", "question", "answer", "split")
+    if is_sharded(locate(st.input, "problems")):
+        return read_dataset(st.input, "problems", columns=columns).filter(lambda r: r["split"] in splits)
+    return [{k: r[k] for k in columns} for batch in iter_table(st.input, "problems", columns) for r in batch
+            if r["split"] in splits]
+
+
+def ask_with_ray_data(cfg: Config, st, store: AnswerStore, ep: dict, progress: bool) -> tuple[dict, dict]:
+    """The Ray Data fan-out: project (a pass over the questions), then ask and write the shards."""
+    import ray
+
+    from ..tables import write_dataset
+    from ..teacher.fanout import fan_out, progress_bar, start_gate
+
     t = cfg.teacher
-    common = dict(base_url=ep["base_url"], endpoint_id=ep["endpoint_id"], secret=ep["secret"],
-                  cache_dir=cache_dir(cfg), spent_usd=spent_usd)
-    if t.mode == "batch":
-        from ..teacher.batch import run_batches
+    questions = questions_of(cfg, st)
+    small = isinstance(questions, list)
+    index = index_ref(store, on_driver=small)
+    if small:
+        tallies = local_tally([questions], t, ep["endpoint_id"], ray.get(index) if index is not None else None)
+        questions = ray.data.from_items(questions, override_num_blocks=1)  # cut into tasks by the fan-out
+    else:
+        with user_errors():
+            tallies = projection.tally(questions, t, ep["endpoint_id"], index, [t.samples])
+    projected = projection.project(tallies, t)["by_D"][-1] | {"tokenizer": projection.token_counter(t).label}
+    if tallies["n"] == 0:
+        raise DataError(f"{st.input}: no problems in teacher.splits={t.splits}")
+    gate = start_gate(t, spent_usd=projected["cached_usd"])
+    run = uuid.uuid4().hex[:12]
+    ds, plan = fan_out(questions, t, gate=gate, index_ref=index, base_url=ep["base_url"], endpoint_id=ep["endpoint_id"],
+                       secret=ep["secret"], cache_dir=store.root, n_questions=tallies["n"],
+                       longest_question=tallies["longest"], run=run)
+    bar = progress_bar(gate, projected["rows"], progress)
+    try:
+        with user_errors():
+            write_dataset(ds, st.target(), "completions", expected_rows=projected["rows"])
+    finally:
+        if bar is not None:
+            bar.close()
+    stats = ray.get(gate.stats.remote()) | {"plan": plan}
+    ray.kill(gate)
+    # What a worker had not written as a block yet (its journal, on this node), once the pool's actors let go.
+    store.recover_orphans(wait_for=run, timeout_s=30)
+    return stats, projected
 
-        answered, stats = run_batches(todo, t, say=logs.say, **common)
-        return answered, stats | {"cache_hits": cached}
-    from ..ray_utils import init_ray
 
-    init_ray(cfg)  # inside the timing: Ray start-up is part of what a user waits for
-    return fan_out(todo, t, cached=cached, total=total, progress=progress, **common)
+def ask_in_batches(cfg: Config, st, store: AnswerStore, ep: dict) -> tuple[dict, dict]:
+    """The Batch API from the driver: questions streamed in chunks, a shard written per chunk."""
+    from ..tables import write_shard
+    from ..teacher.batch import run_batches
 
-
-def split_cached(rows: list[dict], cfg: Config, endpoint_id: str) -> tuple[list[dict], list[dict]]:
-    """(rows fully answered in the cache, rows still to ask)."""
-    cache = AnswerCache(cache_dir(cfg))
-    done, todo = [], []
-    for r in rows:
-        hit = cached_row(cache, cfg.teacher, endpoint_id, r)
-        (done if hit is not None else todo).append(hit if hit is not None else r)
-    return done, todo
-
-
-def make_summary(cfg: Config, rows: list[dict], stats: dict, wall_s: float, label: str) -> dict:
     t = cfg.teacher
-    errors = [r for r in rows if r["error"]]
-    unsent = sum(1 for r in errors if "budget:" in r["error"])
+    splits = set(t.splits)
+    index = store.build_index()
+    per_chunk = max(1, t.batch_max_lines // t.samples)
+
+    def chunks() -> Iterator[list[dict]]:
+        for batch in iter_table(st.input, "problems", batch_rows=per_chunk):
+            chosen = [{k: r[k] for k in ("sample_index", "split", "question", "answer")} for r in batch
+                      if r["split"] in splits]
+            if chosen:
+                yield chosen
+
+    tallies = local_tally(chunks(), t, ep["endpoint_id"], index)
+    projected = projection.project(tallies, t)["by_D"][-1] | {"tokenizer": projection.token_counter(t).label}
+    written = {"shards": 0}
+
+    def write(rows: list[dict]) -> None:
+        write_shard(st.target(), "completions", rows, written["shards"])
+        written["shards"] += 1
+
+    stats = run_batches(chunks, write, t, base_url=ep["base_url"], endpoint_id=ep["endpoint_id"], secret=ep["secret"],
+                        cache_dir=store.root, spent_usd=projected["cached_usd"], longest_question=tallies["longest"],
+                        say=logs.say)
+    return stats, projected
+
+
+def local_tally(chunks: Iterator[list[dict]], tcfg, endpoint_id: str, index, diversities: Optional[list[int]] = None) -> dict:
+    """`projection.tally` on the driver, chunk by chunk (batch mode and the pilot: no Ray needed)."""
+    from ..teacher.spec import RequestSpec
+
+    ds = diversities or [tcfg.samples]
+    spec, counter = RequestSpec.of(tcfg, endpoint_id), projection.token_counter(tcfg)
+    n, longest, parts = 0, 0, {d: [] for d in ds}
+    for chunk in chunks:
+        qs = [q["question"] for q in chunk]
+        n += len(qs)
+        longest = max([longest, *map(len, qs)])
+        for d in ds:
+            parts[d].append(projection.tally_questions(qs, spec, d, index, counter))
+    return {"n": n, "longest": longest, "by_D": {d: projection.add_tallies(p) for d, p in parts.items()}}
+
+
+def make_summary(cfg: Config, stats: dict, wall_s: float, label: str) -> dict:
+    t = cfg.teacher
+    rows = stats.get("rows_done", 0) + stats.get("rows_error", 0)
+    unsent = int(stats.get("rows_budget_unsent", 0))
     requests = stats.get("requests", 0)
     summary = {
         "endpoint": label, "api": t.api, "model": t.model, "mode": t.mode, "temperature": t.temperature,
-        "questions": len({r["sample_index"] for r in rows}), "samples": t.samples, "rows": len(rows),
-        "ok": len(rows) - len(errors), "errors": len(errors),
-        "cache_hits": stats.get("cache_hits", len(rows)),
+        "questions": stats.get("questions", 0) or (rows // max(1, t.samples)), "samples": t.samples, "rows": rows,
+        "ok": stats.get("rows_done", 0), "errors": stats.get("rows_error", 0),
+        "cache_hits": stats.get("cache_hits", 0),
         "requests": requests, "failed_requests": stats.get("failed_requests", 0), "retries": stats.get("retries", 0),
         "prompt_tokens": stats.get("prompt_tokens", 0), "completion_tokens": stats.get("completion_tokens", 0),
         "cost_usd": round(stats.get("cost_usd", 0.0), 6),  # spent by this run
-        "table_cost_usd": round(sum(r["cost_usd"] or 0.0 for r in rows), 6),  # what the whole table cost
-        "truncated": sum(1 for r in rows if r["finish_reason"] == "length"),
+        "table_cost_usd": round(stats.get("rows_cost_usd", 0.0), 6),  # what the whole table cost
+        "truncated": int(stats.get("rows_truncated", 0)),
         "wall_s": round(wall_s, 2), "requests_per_s": round(requests / wall_s, 2) if wall_s > 0 else 0.0,
         "budget_usd": t.budget_usd, "budget_stopped": unsent > 0, "budget_unsent": unsent,
     }
@@ -175,16 +295,16 @@ def make_summary(cfg: Config, rows: list[dict], stats: dict, wall_s: float, labe
 # --------------------------------------------------------------------------- before any paid call
 
 
-def plan_problems(cfg: Config, inp: Path | str | None = None) -> list[dict]:
-    """The problems the stage will read: the data stage's table, else built in memory (< 1 s)."""
+def data_folder(cfg: Config, inp: Path | str | None = None) -> Path:
+    """The data stage's folder (run first, when it is not done: it writes problems, nothing is sent)."""
     if inp is not None:
-        return read_table(require(inp, "data"), "problems")
+        return require(inp, "data")
     src = stage_dir(cfg, "data")
-    if is_complete(src):
-        return read_table(src, "problems")
-    from .data import build
+    if not is_complete(src):
+        from .data import run as run_data
 
-    return build(cfg)[0]
+        run_data(cfg)
+    return require(src, "data")
 
 
 def diversities(cfg: Config) -> list[int]:
@@ -195,52 +315,77 @@ def diversities(cfg: Config) -> list[int]:
 def project(cfg: Config, inp: Path | str | None = None, *, pilot: bool = True) -> dict:
     """`ftcot teach --dry-run`: the projection (with `teacher.pilot=N`, after N questions answered for real)."""
     t = cfg.teacher
-    rows = expand_rows([p for p in plan_problems(cfg, inp) if p["split"] in t.splits], t.samples)
-    cache = AnswerCache(cache_dir(cfg))
+    folder = data_folder(cfg, inp)
+    store = AnswerStore(cache_dir(cfg))
+    store.migrate_legacy(say=logs.say)
+    splits = set(t.splits)
+
+    def chunks() -> Iterator[list[dict]]:
+        for batch in iter_table(folder, "problems", batch_rows=4096):
+            yield [r for r in batch if r["split"] in splits]
+
     pilot_summary = None
     if pilot and t.pilot:
         with teacher_endpoint(cfg) as ep:
-            pilot_summary = run_pilot(cfg, rows, ep, cache)
-    out = projection.project(rows, t, endpoint_id(cfg), cache, diversities(cfg))
+            pilot_summary = run_pilot(cfg, chunks(), ep, store)
+    out = projection.project(local_tally(chunks(), t, endpoint_id(cfg), store.build_index(), diversities(cfg)), t)
     if pilot_summary:
         out["pilot"] = pilot_summary
     return out
 
 
-def run_pilot(cfg: Config, rows: list[dict], ep: dict, cache: AnswerCache) -> dict:
-    """`teacher.pilot` questions, spread over the work list, answered for real (synchronously) and cached."""
+def run_pilot(cfg: Config, chunks: Iterator[list[dict]], ep: dict, store: AnswerStore) -> dict:
+    """`teacher.pilot` questions, the first of the work list not answered yet, answered for real
+    (synchronously, on the driver) and stored: the run will not ask them again."""
     from ..endpoint import run_sync
     from ..teacher.client import TeacherClient
-    from ..teacher.fanout import answer_rows, request_ceilings
+    from ..teacher.fanout import answer_questions, request_ceilings
     from ..teacher.limiter import JobGate, Permits
+    from ..teacher.spec import RequestSpec
 
     t = cfg.teacher
-    done, todo = split_cached(rows, cfg, ep["endpoint_id"])
-    questions = sorted({r["sample_index"] for r in todo})
-    step = max(1, len(questions) // max(1, t.pilot))
-    chosen = set(questions[::step][: t.pilot])
-    pilot_rows = [r for r in todo if r["sample_index"] in chosen]
-    if not pilot_rows:
+    index = store.build_index()
+    spec = RequestSpec.of(t, ep["endpoint_id"])
+    chosen: list[dict] = []
+    for chunk in chunks:
+        for q in chunk:
+            if not index.get_many([spec.step1_key(q["question"], 0)]):
+                chosen.append({k: q[k] for k in ("sample_index", "split", "question", "answer")})
+            if len(chosen) >= t.pilot:
+                break
+        if len(chosen) >= t.pilot:
+            break
+    if not chosen:
         return {"questions": 0, "rows": 0, "cost_usd": 0.0, "errors": 0}
-    tokens_each, cost_each = request_ceilings(pilot_rows, t)
-    gated = t.budget_usd is not None
-    gate = JobGate(budget_usd=t.budget_usd, spent_usd=sum(r["cost_usd"] for r in done))
-    permits = Permits(gate, gated, tokens_each, cost_each, local=True)
+    _, cost_each = request_ceilings(max(len(q["question"]) for q in chosen), t)
+    gate = JobGate(budget_usd=t.budget_usd)
+    permits = Permits(gate, t.budget_usd is not None, cost_each, local=True)
     pilot_cfg = t.model_copy(update={"mode": "sync"})  # a pilot is a few synchronous requests, at their price
+    log = store.log(t.cache_block_rows, t.cache_flush_s)
 
     async def go() -> list[dict]:
         client = TeacherClient(pilot_cfg, base_url=ep["base_url"], endpoint_id=ep["endpoint_id"], secret=ep["secret"],
-                               cache=cache, permits=permits, concurrency=min(t.concurrency, 32))
+                               permits=permits, index=index, log=log, concurrency=min(t.concurrency, 32))
         try:
-            return await answer_rows(client, pilot_cfg, pilot_rows)
+            return await answer_questions(client, pilot_cfg, chosen)
         finally:
             await client.close()
 
-    answered = run_sync(go)
+    try:
+        answered = run_sync(go)
+    finally:
+        log.close()
     return {"questions": len(chosen), "rows": len(answered), "cost_usd": round(sum(r["cost_usd"] for r in answered), 6),
             "errors": sum(1 for r in answered if r["error"]),
-            "note": "answered synchronously and cached: the run will not ask them again"}
+            "note": "answered synchronously and stored: the run will not ask them again"}
 
 
 def projection_text(p: dict, summary: Optional[dict] = None) -> str:
     return projection.format_projection(p, summary.get("actual") if summary else None)
+
+
+def migrate(cfg: Config) -> dict:
+    """`ftcot teach --migrate-cache`: move a per-answer cache (before 2026-12) into blocks, once."""
+    store = AnswerStore(cache_dir(cfg))
+    moved = store.migrate_legacy(say=logs.say)
+    return {"cache_dir": store.root, "migrated_answers": moved, "blocks": len(store.block_names())}

@@ -4,9 +4,12 @@ Reads: `ft_cot_pairs` (or `vanilla_pairs` with train.method=vanilla) and `proble
 questions) from the curate folder. Writes: `student/` (a plain Hugging Face folder + the student
 card), metrics.json (loss curves, the validation curve, the selected step).
 
-Driver side (here): tokenize with completion-only labels (student/data.py), start the
-TorchTrainer, copy the selected student out of Ray Train's checkpoints. Worker side:
-student/loop.py. The same code runs on 2 CPU workers (gloo) or N GPU workers (nccl).
+Driver side (here): train the tokenizer on the pair texts (streamed), tokenize with completion-only
+labels as a Ray Data map (student/data.py) into Ray Datasets held in the object store, start the
+TorchTrainer with them (`datasets=`: every worker streams the examples, keeping only its share of
+the next steps: `ExampleWindow`; nothing is pickled into the loop's config), copy the selected
+student out of Ray Train's checkpoints. Worker side: student/loop.py. The same code runs on 2 CPU
+workers (gloo) or N GPU workers (nccl).
 
 Resume: Ray Train's storage (`<out>/ray_train`, or train.storage_path) and run name are derived
 from the stage key and the worker layout, so re-running the same command after a kill, a Ctrl-C
@@ -18,13 +21,15 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 
 from ..artifacts import digest, open_stage
 from ..config import Config
+from ..dataplane import user_errors
 from ..errors import ConfigError, DataError
 from ..logs import say
-from ..schemas import table_path
+from ..tables import has_table, iter_table, locate, read_dataset
 from ..student.card import card_for, write_card
 from ..tasks.custom import resolve_task
 
@@ -39,26 +44,25 @@ def run(cfg: Config, out: Path | None = None, inp: Path | None = None, fault: di
     st = open_stage(cfg, STAGE, out, inp, keep=("ray_train",))
     if st.reused:
         return st.summary
-    t0 = time.perf_counter()
-    pairs = PAIR_TABLES[cfg.train.method]
-    from ..student.data import split_pairs
+    from ..ray_utils import init_ray
 
-    train_rows, val_rows = split_pairs(st.read(pairs), table_path(st.input, pairs))
-    val_questions = pick_val_questions(cfg, st.read("problems"))
+    t0 = time.perf_counter()
+    init_ray(cfg)
+    pairs = PAIR_TABLES[cfg.train.method]
+    val_questions = pick_val_questions(cfg, st.input)
     tokenizer = make_tokenizer(cfg, st)
-    train_enc, val_enc = encode_splits(cfg, tokenizer, train_rows, val_rows, table_path(st.input, pairs))
     check_model_fits_tokenizer(cfg, tokenizer)
+    with user_errors():
+        data = examples(cfg, st, tokenizer, pairs)
     rules = resolve_task(cfg.data)
 
     st.prepare()
-    result = fit(cfg, st.out, st.key, tokenizer, train_enc.examples, val_enc.examples, val_questions, rules, fault,
-                 callbacks)
+    result = fit(cfg, st.out, st.key, tokenizer, data, val_questions, rules, fault, callbacks)
     metrics = collect_outputs(result, st.out, cfg)
     write_card(st.out / "student", card_for(cfg.student.family, cfg.train.method, cfg.data.dataset, rules,
                                             cfg.train.max_length))
-    metrics |= {"truncated_count": train_enc.stats.truncated_count + val_enc.stats.truncated_count,
-                "dropped_no_target": train_enc.stats.dropped_no_target + val_enc.stats.dropped_no_target,
-                "train_examples": len(train_enc.examples), "val_examples": len(val_enc.examples),
+    metrics |= {"truncated_count": data["truncated"], "dropped_no_target": data["dropped"],
+                "train_examples": data["n_train"], "val_examples": data["n_val"],
                 "val_questions": len(val_questions), "wall_s": round(time.perf_counter() - t0, 2),
                 "method": cfg.train.method, "arch": cfg.student.arch, "size": cfg.student.size,
                 "precision": cfg.train.precision, "batch_size": cfg.train.batch_size,
@@ -74,43 +78,75 @@ def run(cfg: Config, out: Path | None = None, inp: Path | None = None, fault: di
     return st.finish(summary)
 
 
-def pick_val_questions(cfg: Config, problems: list[dict]) -> list[dict]:
-    """The val questions the student answers at each validation ({"prompt", "answer"}), capped."""
+def pick_val_questions(cfg: Config, curate_dir: Path) -> list[dict]:
+    """The val questions the student answers at each validation ({"prompt", "answer"}): the first
+    `train.val_max_examples` by sample_index, streamed from the problems table."""
     from ..prompts import method_prompt
 
-    val = sorted((p for p in problems if p["split"] == "val"), key=lambda p: p["sample_index"])
+    cap = cfg.train.val_max_examples
+    val: list[dict] = []
+    for batch in iter_table(curate_dir, "problems", ("sample_index", "question", "answer", "split")):
+        val += [p for p in batch if p["split"] == "val"]
+        if cap and len(val) > 4 * cap:  # the smallest indices so far: memory stays a few caps, in any order
+            val = sorted(val, key=lambda p: p["sample_index"])[:cap]
+    val = sorted(val, key=lambda p: p["sample_index"])
     if not val and cfg.train.select == "val_accuracy":
         raise DataError(f"train.select=val_accuracy but the curate output has no val questions: "
                         "raise curate.val_fraction, or set train.select=last")
-    cap = cfg.train.val_max_examples
     return [{"prompt": method_prompt(cfg.train.method, str(p["question"]).strip(), cfg.student.family),
              "answer": str(p["answer"])}
             for p in (val[:cap] if cap else val)]
 
 
 def make_tokenizer(cfg: Config, st):
-    """The user's tokenizer, the pretrained student's, or a BPE trained on both pair files of the run."""
+    """The user's tokenizer, the pretrained student's, or a BPE trained on the pair tables of the run (streamed)."""
     from ..student.tokenizer import load_tokenizer, pair_texts, train_tokenizer
 
     s = cfg.student
     if s.tokenizer or s.pretrained:
         return load_tokenizer(s.tokenizer or s.pretrained)
     # The same vocabulary for every method of a run: trained on all pair tables of the curate folder.
-    rows = [r for name in PAIR_TABLES.values() if table_path(st.input, name).is_file()
-            for r in st.read(name, columns=("prompt", "completion"))]
+    rows = (r for name in PAIR_TABLES.values() if has_table(st.input, name)
+            for batch in iter_table(st.input, name, ("prompt", "completion")) for r in batch)
     return train_tokenizer(pair_texts(rows), s.vocab_size)
 
 
-def encode_splits(cfg: Config, tokenizer, train_rows, val_rows, path: Path):
-    from ..student.data import encode_pairs
+def examples(cfg: Config, st, tokenizer, pairs: str) -> dict:
+    """The pair table tokenized as Ray Datasets in the object store (`train`, `val`: materialized, so a
+    worker streams them without starting a task), the per-example `meta` the loss weights need, counts."""
+    import numpy as np
+    import ray
 
-    args = dict(family=cfg.student.family, max_length=cfg.train.max_length, on_overlength=cfg.train.on_overlength,
-                source=str(path))
-    train = encode_pairs(train_rows, tokenizer, **args)
-    if not train.examples:
-        raise DataError(f"{path}: every training pair's prompt fills train.max_length={cfg.train.max_length}; "
-                        "nothing left to learn")
-    return train, encode_pairs(val_rows, tokenizer, **args)
+    from ..dataplane import collect_rows, map_rows, ordered
+    from ..student.data import encode_batch
+
+    path = locate(st.input, pairs)
+    source = read_dataset(st.input, pairs)
+    rows = Counter()
+    for part in collect_rows(source.select_columns(["split"]), lambda b: dict(Counter(r["split"] for r in b)),
+                             batch_size=65536):
+        rows.update(part)
+    if not rows.get("train"):
+        raise DataError(
+            f"no curated rows left to train on in {path} ({sum(rows.values())} rows, none with split 'train'): "
+            "the teacher got too few answers right, or curate filtered them all; check the curate summary")
+    t = cfg.train
+    args = dict(tokenizer=ray.put(tokenizer), family=cfg.student.family, max_length=t.max_length,
+                on_overlength=t.on_overlength, source=str(path))
+    out: dict = {}
+    for split in ("train", "val"):
+        ds = ordered(map_rows(source, encode_batch, split=split, **args)).materialize()
+        out[split], out[f"n_{split}"] = ds, ds.count()
+        out[f"dropped_{split}"] = rows.get(split, 0) - out[f"n_{split}"]
+    if not out["n_train"]:
+        raise DataError(f"{path}: every training pair's prompt fills train.max_length={t.max_length}; nothing left to learn")
+    out["truncated"] = sum(int(out[s].sum("truncated") or 0) for s in ("train", "val") if out[f"n_{s}"])
+    out["dropped"] = out["dropped_train"] + out["dropped_val"]
+    columns = [b for b in out["train"].select_columns(["label_tokens", "task"]).iter_batches(batch_size=65536,
+                                                                                            batch_format="numpy")]
+    out["meta"] = ray.put((np.concatenate([b["label_tokens"] for b in columns]).astype(np.int32),
+                           np.concatenate([b["task"] for b in columns]).astype(np.int8)))
+    return out
 
 
 def check_model_fits_tokenizer(cfg: Config, tokenizer) -> None:
@@ -152,9 +188,9 @@ def run_name(cfg: Config, key: str) -> str:
     return f"train-{key}-{digest([t.num_workers, t.zero_stage, t.offload, t.use_gpu], 6)}"
 
 
-def fit(cfg: Config, out: Path, key: str, tokenizer, train_examples, val_examples, val_questions, rules,
+def fit(cfg: Config, out: Path, key: str, tokenizer, data: dict, val_questions, rules,
         fault: dict | None = None, callbacks: list | None = None):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ..ray_utils import board_bar, init_ray, progress_board
@@ -167,13 +203,16 @@ def fit(cfg: Config, out: Path, key: str, tokenizer, train_examples, val_example
     resumed = latest_step(Path(storage) / name) if "://" not in storage else None
     if resumed:
         say(f"train: resuming from the checkpoint at step {resumed} ({Path(storage) / name})")
-    total = plan(t, len(train_examples))["total"]
+    total = plan(t, data["n_train"])["total"]
     board = progress_board()
+    datasets = {"train": data["train"]} | ({"val": data["val"]} if data["n_val"] else {})
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "tokenizer": tokenizer, "train": train_examples,
-                           "val": val_examples, "val_questions": val_questions, "fault": fault, "progress": board,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "tokenizer": tokenizer, "meta": data["meta"],
+                           "val_questions": val_questions, "fault": fault, "progress": board,
                            "rules": {"name": rules.name, "kind": rules.kind, "choices": rules.choices or ""}},
+        # Every worker streams the whole (ordered) table and keeps its share of each step: not split.
+        datasets=datasets, dataset_config=DataConfig(datasets_to_split=[]),
         # use_gpu adds one GPU per worker; CPUs per worker matter for the data loader and CPU training.
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),

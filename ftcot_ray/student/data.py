@@ -14,11 +14,18 @@ A step is a GLOBAL batch of `train.batch_size` examples drawn from one stream of
 permutations (`global_batch`); each worker takes its stride of it, micro-batch by micro-batch.
 The loss of a step is the sum of the token losses over the whole batch divided by the batch's
 label tokens (`token_loss`), so 2 workers x 8 is the same objective as 1 x 16, token for token.
+
+The examples reach a worker as a Ray Dataset it streams (`ExampleWindow`): for the next window of
+steps the worker computes which positions its share of those steps needs, streams the table in
+its (fixed) order, and keeps just those rows; only two small columns of every example (its label
+tokens and its task: 5 bytes) are held whole, because a step's token mean needs the whole global
+batch's count. Memory per worker: one window, never the table.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -87,32 +94,50 @@ def _where(row: dict) -> str:
     return f"sample_index={row.get('sample_index')} sample_idx={row.get('sample_idx')}"
 
 
+def encode_pair(row: dict, tokenizer, family: str, max_length: int, on_overlength: str = "truncate",
+                source: str = "pairs") -> tuple[dict | None, bool, int]:
+    """(example or None when nothing is left to learn, whether it was over `max_length`, its full length)."""
+    p = prompt_ids(tokenizer, row["prompt"], family)
+    c = completion_ids(tokenizer, row["completion"])
+    ex, over = _encode_seq2seq(p, c, max_length) if family == "encoder-decoder" else _encode_decoder(p, c, max_length)
+    length = len(p) + len(c)
+    if over and on_overlength == "refuse":
+        raise DataError(
+            f"{source}: {_where(row)} is {length} tokens, over train.max_length={max_length} "
+            "(set train.on_overlength=truncate to cut it, or raise train.max_length)"
+        )
+    if ex is not None:
+        ex["task"] = TASKS.index(row.get("task", "label"))  # step-by-step pairs say which task they are
+    return ex, over, length
+
+
 def encode_pairs(rows: list[dict], tokenizer, family: str, max_length: int, on_overlength: str = "truncate",
                  source: str = "pairs") -> Encoded:
     out = Encoded()
     for row in rows:
-        p = prompt_ids(tokenizer, row["prompt"], family)
-        c = completion_ids(tokenizer, row["completion"])
-        if family == "encoder-decoder":
-            ex, over = _encode_seq2seq(p, c, max_length)
-        else:
-            ex, over = _encode_decoder(p, c, max_length)
-        length = len(p) + len(c)
+        ex, over, length = encode_pair(row, tokenizer, family, max_length, on_overlength, source)
         out.stats.max_seen_length = max(out.stats.max_seen_length, length)
-        if over:
-            if on_overlength == "refuse":
-                raise DataError(
-                    f"{source}: {_where(row)} is {length} tokens, over train.max_length={max_length} "
-                    "(set train.on_overlength=truncate to cut it, or raise train.max_length)"
-                )
-            out.stats.truncated_count += 1
+        out.stats.truncated_count += over
         if ex is None:
             out.stats.dropped_no_target += 1
             continue
-        ex["task"] = TASKS.index(row.get("task", "label"))  # step-by-step pairs say which task they are
         out.examples.append(ex)
         out.stats.label_tokens += ex["label_tokens"]
     out.stats.examples = len(out.examples)
+    return out
+
+
+def encode_batch(rows: list[dict], tokenizer, family: str, max_length: int, on_overlength: str = "truncate",
+                 source: str = "pairs", split: str = "train") -> list[dict]:
+    """One Ray Data batch of pairs (those of `split`) -> examples with a `truncated` flag; pairs that
+    leave nothing to learn are dropped (the stage counts them as rows in minus rows out)."""
+    out = []
+    for row in rows:
+        if row["split"] != split:
+            continue
+        ex, over, _ = encode_pair(row, tokenizer, family, max_length, on_overlength, source)
+        if ex is not None:
+            out.append(ex | {"truncated": bool(over)})
     return out
 
 
@@ -171,11 +196,17 @@ def global_batch(n_examples: int, batch_size: int, step: int, seed: int) -> list
     pos = step * batch_size
     while len(out) < batch_size:
         epoch, offset = divmod(pos, n_examples)
-        perm = np.random.RandomState((seed, epoch)).permutation(n_examples)
+        perm = epoch_permutation(n_examples, seed, epoch)
         take = min(batch_size - len(out), n_examples - offset)
         out.extend(int(i) for i in perm[offset:offset + take])
         pos += take
     return out
+
+
+@lru_cache(maxsize=4)
+def epoch_permutation(n_examples: int, seed: int, epoch: int):
+    """Epoch `epoch`'s order of the examples (kept for the next steps: at a million examples it costs 15 ms)."""
+    return np.random.RandomState((seed, epoch)).permutation(n_examples)
 
 
 def micro_batches(indices: list[int], rank: int, world: int, accum: int) -> list[list[int]]:
@@ -217,3 +248,61 @@ def row_weights(examples: list[dict], indices: list[int], rationale_weight: floa
     counts = [sum(examples[i]["label_tokens"] for i in indices if examples[i]["task"] == t) for t in range(len(TASKS))]
     scale = (1.0, rationale_weight)
     return {i: scale[examples[i]["task"]] / counts[examples[i]["task"]] for i in indices}
+
+
+# --------------------------------------------------------------------------- streaming the examples to a worker
+
+
+class ExampleWindow:
+    """A worker's examples for a window of steps, gathered from a stream of the whole table.
+
+    `stream()` yields the table's batches (dicts of columns) in one fixed order, the same on every
+    worker, so a row's running position is its index. `label_tokens` and `task` hold those two
+    columns for every example (what `row_weights` needs of the whole global batch). Each window
+    covers as many steps as fit `max_rows` of this worker's examples; a new window streams again.
+    """
+
+    def __init__(self, stream, label_tokens, task, *, batch_size: int, seed: int, rank: int, world: int, accum: int,
+                 max_rows: int = 65536):
+        self.stream, self.label_tokens, self.task = stream, label_tokens, task
+        self.n = len(label_tokens)
+        self.batch_size, self.seed, self.rank, self.world, self.accum = batch_size, seed, rank, world, accum
+        self.steps_per_window = max(1, max_rows // max(1, -(-batch_size // world)))
+        self.start = self.end = 0
+        self.rows: dict[int, dict] = {}
+
+    def __getitem__(self, i: int) -> dict:
+        """label_tokens and task of any example (what `row_weights` needs of the whole global batch)."""
+        return {"label_tokens": int(self.label_tokens[i]), "task": int(self.task[i])}
+
+    def micro_batches(self, step: int) -> tuple[list[int], list[list[dict]]]:
+        """(the global batch's indices, this worker's micro-batches of examples) for optimizer step `step`."""
+        if not self.start <= step < self.end:
+            self.load(step)
+        indices = global_batch(self.n, self.batch_size, step, self.seed)
+        return indices, [[self.rows[i] | {"index": i} for i in mb]
+                         for mb in micro_batches(indices, self.rank, self.world, self.accum)]
+
+    def load(self, step: int) -> None:
+        """Stream the table once and keep the rows this worker's steps [step, step + window) use."""
+        import numpy as np
+
+        self.start, self.end = step, step + self.steps_per_window
+        needed = np.zeros(self.n, dtype=bool)
+        for s in range(self.start, self.end):
+            for mb in micro_batches(global_batch(self.n, self.batch_size, s, self.seed), self.rank, self.world, self.accum):
+                needed[mb] = True
+        last = int(np.flatnonzero(needed).max()) if needed.any() else -1
+        self.rows = {}
+        pos = 0
+        for batch in self.stream():
+            k = len(batch["label_tokens"])
+            for j in np.flatnonzero(needed[pos:pos + k]):
+                self.rows[pos + int(j)] = {"input_ids": np.asarray(batch["input_ids"][j]).tolist(),
+                                           "labels": np.asarray(batch["labels"][j]).tolist(),
+                                           "label_tokens": int(batch["label_tokens"][j]), "task": int(batch["task"][j])}
+            pos += k
+            if pos > last:
+                break
+        if pos < min(self.n, last + 1):
+            raise RuntimeError(f"the examples stream ended at row {pos} of {self.n}: the table changed under training")

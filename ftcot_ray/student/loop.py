@@ -32,8 +32,7 @@ import torch
 
 from ..config import Config
 from .card import AnswerRules
-from .data import (TASKS, batch_tokens, collate, global_batch, micro_batches, row_weights, steps_per_epoch,
-                   token_losses)
+from .data import TASKS, ExampleWindow, batch_tokens, collate, row_weights, steps_per_epoch, token_losses
 from .ds_config import ds_config
 from .export import gathered_state_dict, save_student
 from .model import apply_lora, build_model, count_params
@@ -74,7 +73,8 @@ def train_loop(config: dict) -> None:
         if t.grad_ckpt:
             model.enable_input_require_grads()
 
-    train, p = config["train"], plan(t, len(config["train"]))
+    label_tokens, tasks = ray.get(config["meta"])  # two small columns of every example (5 bytes each)
+    p = plan(t, len(label_tokens))
     total = p["total"]
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
     scheduler = get_scheduler(t.lr_schedule if t.lr_schedule != "constant" else "constant_with_warmup", optimizer,
@@ -84,6 +84,10 @@ def train_loop(config: dict) -> None:
                                            config=ds_config(t, world))
     state = _resume(engine)
     accum = t.grad_accum()
+    shard = ray.train.get_dataset_shard("train")
+    train = ExampleWindow(lambda: shard.iter_batches(batch_size=4096, batch_format="numpy"), label_tokens, tasks,
+                          batch_size=t.batch_size, seed=t.seed, rank=rank, world=world, accum=accum,
+                          max_rows=t.window_examples)
     validator = Validator(config, cfg, tok, rank, world, device)
     progress, fault = config.get("progress"), config.get("fault") or {}
     report = Reporter(engine, cfg, tok, base_config, n_params, rank, total)
@@ -93,22 +97,22 @@ def train_loop(config: dict) -> None:
 
     lam = t.rationale_weight if t.method == "step_by_step" else None
     for step in range(state["step"], total):
+        indices, mbs = train.micro_batches(step)  # may stream the next window of examples (not timed)
         t0 = time.perf_counter()
-        indices = global_batch(len(train), t.batch_size, step, t.seed)
         weights = row_weights(train, indices, lam)  # see data.py: token means over the GLOBAL batch
         parts = torch.zeros(1 + len(TASKS), dtype=torch.float64)  # objective, then each task's weighted part
         engine.train()
-        for mb in micro_batches(indices, rank, world, accum):
-            batch = {k: v.to(device) for k, v in collate([train[i] for i in mb], tok.pad_token_id, family).items()}
+        for mb in mbs:
+            batch = {k: v.to(device) for k, v in collate(mb, tok.pad_token_id, family).items()}
             sums, _ = token_losses(engine, batch, family)
-            w = torch.tensor([weights[i] for i in mb], dtype=sums.dtype, device=sums.device)
+            w = torch.tensor([weights[ex["index"]] for ex in mb], dtype=sums.dtype, device=sums.device)
             loss = (sums * w).sum()
             # DeepSpeed divides by the accumulation steps and averages over ranks: undone by world x accum.
             engine.backward(loss * (world * accum))
             engine.step()
             parts[0] += float(loss.detach())
-            for k, i in enumerate(mb):
-                parts[1 + train[i]["task"]] += float((sums[k] * w[k]).detach())
+            for k, ex in enumerate(mb):
+                parts[1 + ex["task"]] += float((sums[k] * w[k]).detach())
             state["tokens"] += batch_tokens(batch, family)
         state["train_s"] += time.perf_counter() - t0
         done = state["step"] = step + 1
@@ -168,7 +172,7 @@ class Validator:
     def __init__(self, config: dict, cfg: Config, tok, rank: int, world: int, device):
         self.cfg, self.tok, self.rank, self.world, self.device = cfg, tok, rank, world, device
         self.family = cfg.student.family
-        self.val = config["val"]
+        self.val = _shard("val")  # streamed at each validation (None: no val pairs)
         self.questions = config["val_questions"]  # [{"prompt", "answer"}]
         self.rules = AnswerRules(**config["rules"])
         self.zero3 = cfg.train.zero_stage == 3
@@ -184,16 +188,28 @@ class Validator:
             engine.train()
         return out
 
+    def _mine(self):
+        """This rank's val examples, a micro-batch at a time, streamed: its stride of the table's rows
+        (ZeRO-3 gathers parameters collectively in every forward: all ranks then take every row)."""
+        size, chunk, pos = self.cfg.train.micro_batch(), [], 0
+        for b in self.val.iter_batches(batch_size=4096, batch_format="numpy"):
+            for j in range(len(b["label_tokens"])):
+                if self.zero3 or pos % self.world == self.rank:
+                    chunk.append({"input_ids": b["input_ids"][j].tolist(), "labels": b["labels"][j].tolist(),
+                                  "task": int(b["task"][j])})
+                    if len(chunk) == size:
+                        yield chunk
+                        chunk = []
+                pos += 1
+        if chunk:
+            yield chunk
+
     def _loss(self, engine) -> dict:
         """Token-mean val loss per task; the objective's val loss (step-by-step: label + lambda x rationale)."""
-        if not self.val:
+        if self.val is None:
             return {}
         totals = torch.zeros(2 * len(TASKS), dtype=torch.float64)  # per task: summed loss, tokens
-        mb = self.cfg.train.micro_batch()
-        # ZeRO-3 gathers parameters collectively in every forward: all ranks then take every batch.
-        mine = self.val if self.zero3 else self.val[self.rank::self.world]
-        for i in range(0, len(mine), mb):
-            chunk = mine[i:i + mb]
+        for chunk in self._mine():
             batch = {k: v.to(self.device) for k, v in collate(chunk, self.tok.pad_token_id, self.family).items()}
             sums, counts = token_losses(engine, batch, self.family)
             for ex, loss, n in zip(chunk, sums.tolist(), counts.tolist()):
@@ -293,6 +309,16 @@ class Reporter:
                                num_workers=world, zero_stage=self.cfg.train.zero_stage)
                 (Path(d) / "train_metrics.json").write_text(json.dumps(summary))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _shard(name: str):
+    """The worker's iterator over a dataset given to the trainer (None when it was not given)."""
+    import ray.train
+
+    try:
+        return ray.train.get_dataset_shard(name)
+    except (KeyError, ValueError):
+        return None
 
 
 def per_rank_params(module: torch.nn.Module) -> int:

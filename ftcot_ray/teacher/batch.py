@@ -4,9 +4,12 @@
         -> download the output and error files -> answers into the cache
     step 2 lines (one per rationale that came back) -> the same -> rows
 
-Runs on the driver (a few HTTP calls and a poll loop: no Ray needed). One line per sample; its
-`custom_id` is the sample's cache key, so a batch answer lands in the same content-addressed
-cache as a synchronous one and the rest of the pipeline cannot tell them apart.
+Runs on the driver (a few HTTP calls and a poll loop: no Ray needed), streaming the questions in
+chunks of `teacher.batch_max_lines` lines (each chunk one batch, submitted without waiting for the
+others), so the driver holds one chunk at a time, never the table. One line per sample; its
+`custom_id` is the sample's cache key (`RequestSpec`), so a batch answer lands in the same answer
+store (blocks, teacher/answers.py) as a synchronous one and the rest of the pipeline cannot tell
+them apart.
 
 Paid for once: the id of every uploaded file and created batch is written to a ledger
 (`<cache_dir>/batches/`) the moment the API returns it. A run first finishes the batches the
@@ -29,12 +32,13 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from ..endpoint import Endpoint, Retryable, Secret, api_path, error_message, parse_reply, request_body
-from .cache import AnswerCache, request_key
+from .answers import AnswerIndex, AnswerStore
 from .client import StepResult, split_reply
-from .fanout import finish_row, payloads, request_ceilings
+from .fanout import count_row, finish_row, request_ceilings
+from .spec import RequestSpec
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 
@@ -79,76 +83,127 @@ class BatchRun:
     def __init__(self, tcfg: Any, *, base_url: str, endpoint_id: str, secret: Secret, cache_dir: str,
                  say: Callable[[str], None] = lambda m: None):
         self.t, self.endpoint_id, self.say = tcfg, endpoint_id, say
+        self.spec = RequestSpec.of(tcfg, endpoint_id)
         self.base_url = base_url
-        self.cache, self.ledger = AnswerCache(cache_dir), Ledger(cache_dir)
+        self.store, self.ledger = AnswerStore(cache_dir), Ledger(cache_dir)
+        self.index = self.store.build_index()
         self.stats: Counter = Counter()
         self.http: Counter = Counter()  # the endpoint's own: uploads, creations, polls, downloads
         self.ep = Endpoint.from_config(tcfg, secret, base_url=base_url, concurrency=8, counters=self.http)
         self.keys_of: dict[str, list[str]] = {}  # this run's submissions: their lines' keys
         price = tcfg.prices.get(tcfg.model)
         self.price = price.per_token("batch") if price else (0.0, 0.0)
-        self.fresh: dict[str, StepResult] = {}  # answered by this run's batches, by cache key
+        self.new: list[dict] = []  # answers taken from batch output files, not yet in a block
+        self.fresh_blocks: set[str] = set()  # the blocks this run wrote: its answers, not stored ones
         self.failed: dict[str, str] = {}  # failed lines of this run's batches, by cache key
 
     # ------------------------------------------------------------------ keys and lines
 
-    def key(self, payload: Any, max_tokens: int, sample: int) -> str:
-        params = {"temperature": self.t.temperature, "top_p": self.t.top_p, "max_tokens": max_tokens}
-        return request_key(self.endpoint_id, self.t.api, self.t.model, payload, params, sample)
-
-    def line(self, payload: Any, max_tokens: int, sample: int) -> tuple[str, dict]:
-        key = self.key(payload, max_tokens, sample)
-        body = request_body(self.t.api, self.t.model, payload, max_tokens=max_tokens, temperature=self.t.temperature,
-                            top_p=self.t.top_p, seed=sample if self.t.seed_param else None)
+    def line(self, payload: Any, step: int, sample: int) -> tuple[str, dict]:
+        key = self.spec.key(payload, step, sample)
+        body = request_body(self.t.api, self.t.model, payload, max_tokens=self.spec.max_tokens_of(step),
+                            temperature=self.t.temperature, top_p=self.t.top_p, seed=self.spec.seed([sample]))
         return key, {"custom_id": key, "method": "POST", "url": "/v1" + api_path(self.t.api), "body": body}
 
-    def result(self, key: str) -> Optional[StepResult]:
-        if key in self.fresh:
-            return self.fresh[key]
-        hit = self.cache.get(key)
-        return StepResult.from_cache(hit) if hit is not None else None
+    def refresh(self) -> None:
+        """Taken answers into blocks, and the index over them."""
+        for i in range(0, len(self.new), 4096):
+            self.fresh_blocks.add(self.store.write_block(self.new[i:i + 4096]))
+        self.new = []
+        self.index = self.store.build_index()
 
     # ------------------------------------------------------------------ the stage's part
 
-    async def run(self, rows: list[dict], spent_usd: float = 0.0) -> list[dict]:
+    async def run(self, chunks: Callable[[], Iterator[list[dict]]], write: Callable[[list[dict]], None],
+                  spent_usd: float = 0.0, longest_question: int = 0) -> None:
+        """`chunks()` streams the questions (again for each pass); `write(rows)` takes each chunk's rows."""
         try:
             await self.resume()
-            allowed = self.affordable(rows, spent_usd)
-            step1 = {}
-            for r in allowed:
-                p = payloads(self.t.api, r["question"])
-                k, ln = self.line(p, self.t.max_tokens, r["sample_idx"])
-                if self.result(k) is None:
-                    step1[k] = ln
-            await self.submit_and_wait(1, list(step1.values()))
-            step2 = {}
-            for r in allowed:
-                s1 = self.result(self.key(payloads(self.t.api, r["question"]), self.t.max_tokens, r["sample_idx"]))
-                if s1 is not None:
-                    k, ln = self.line(payloads(self.t.api, r["question"], s1.text), self.t.answer_max_tokens,
-                                      r["sample_idx"])
-                    if self.result(k) is None:
-                        step2[k] = ln
-            await self.submit_and_wait(2, list(step2.values()))
-            allowed_ids = {id(r) for r in allowed}
-            return [self.row(r, id(r) in allowed_ids) for r in rows]
+            self.refresh()
+            start = self.index  # what was stored before this run: decides which rows the budget must pay for
+            budget = self.budget(spent_usd, longest_question)
+            for step in (1, 2):
+                recs = [await self.submit(step, lines) for lines in self.lines(chunks(), step, start, budget)]
+                await asyncio.gather(*(self.wait_and_take(rec, keep_failures=True) for rec in recs))
+                self.refresh()
+            for questions in chunks():
+                write(self.rows(questions, start, budget))
         finally:
             await self.ep.close()
 
-    def affordable(self, rows: list[dict], spent_usd: float) -> list[dict]:
-        """The rows `teacher.budget_usd` pays for, both steps at their ceiling (in row order)."""
+    def budget(self, spent_usd: float, longest_question: int) -> Optional[int]:
+        """Rows `teacher.budget_usd` pays for, both steps at their ceiling (None: no budget)."""
         if self.t.budget_usd is None:
-            return rows
-        _, cost_each = request_ceilings(rows, self.t)
+            return None
+        _, cost_each = request_ceilings(longest_question, self.t)
         if cost_each <= 0:
-            return rows
-        n = int(max(0.0, self.t.budget_usd - spent_usd) // (2 * cost_each))
-        self.stats["budget_unsent"] = max(0, len(rows) - n)
-        return rows[:n]
+            return None
+        return int(max(0.0, self.t.budget_usd - spent_usd) // (2 * cost_each))
+
+    def samples(self, questions: list[dict], start: AnswerIndex, budget: Optional[int], counter: list[int]):
+        """(question, sample, allowed by the budget) in stream order; a row already stored whole at the start
+        costs nothing, so the budget counts only the others (`counter` carries the count over chunks)."""
+        for q in questions:
+            for i in range(self.t.samples):
+                allowed = True
+                if budget is not None and not self.stored_whole(start, q["question"], i):
+                    allowed = counter[0] < budget
+                    counter[0] += 1
+                yield q, i, allowed
+
+    def stored_whole(self, index: AnswerIndex, question: str, i: int) -> bool:
+        s1 = index.get_many([self.spec.step1_key(question, i)])
+        if not s1:
+            return False
+        (hit,) = s1.values()
+        return bool(index.get_many([self.spec.step2_key(question, hit["text"], i)]))
+
+    def lines(self, chunks: Iterator[list[dict]], step: int, start: AnswerIndex, budget: Optional[int]) -> Iterator[list[dict]]:
+        """The lines of `step` not answered yet, in chunks of `teacher.batch_max_lines`."""
+        out: list[dict] = []
+        counter = [0]
+        for questions in chunks:
+            for q, i, allowed in self.samples(questions, start, budget, counter):
+                if not allowed:
+                    continue
+                if step == 1:
+                    payload = self.spec.payload(q["question"])
+                else:
+                    s1 = self.index.get_many([self.spec.step1_key(q["question"], i)])
+                    if not s1:
+                        continue
+                    payload = self.spec.payload(q["question"], next(iter(s1.values()))["text"])
+                key, ln = self.line(payload, step, i)
+                if not self.index.get_many([key]):
+                    out.append(ln)
+                if len(out) >= self.t.batch_max_lines:
+                    yield out
+                    out = []
+        if out:
+            yield out
+
+    def rows(self, questions: list[dict], start: AnswerIndex, budget: Optional[int]) -> list[dict]:
+        out = []
+        counter = [0]
+        for q, i, allowed in self.samples(questions, start, budget, counter):
+            out.append(self.row(q | {"sample_idx": i}, allowed))
+        return out
+
+    def result(self, key: str) -> Optional[StepResult]:
+        """A step's answer: from this run's batches (one attempt each), or stored before (a cache hit)."""
+        hit = self.index.get_many([key])
+        if not hit:
+            return None
+        res = StepResult.from_cache(hit[key])
+        if self.index.names[self.index.where([key])[0]] in self.fresh_blocks:
+            res.attempts, res.cached = 1, False
+        else:
+            self.stats["cache_hits"] += 1
+        return res
 
     def row(self, r: dict, allowed: bool) -> dict:
         q, i = r["question"], r["sample_idx"]
-        k1 = self.key(payloads(self.t.api, q), self.t.max_tokens, i)
+        k1 = self.spec.step1_key(q, i)
         s1 = self.result(k1)
         if s1 is None:
             if not allowed:
@@ -157,10 +212,10 @@ class BatchRun:
                 error, attempts = self.failed.get(k1, "batch: no result for this line"), 1
             out = finish_row(r, self.t, StepResult(error=error, attempts=attempts), None)
         else:
-            k2 = self.key(payloads(self.t.api, q, s1.text), self.t.answer_max_tokens, i)
+            k2 = self.spec.step2_key(q, s1.text, i)
             s2 = self.result(k2) or StepResult(error=self.failed.get(k2, "batch: no result for this line"), attempts=1)
             out = finish_row(r, self.t, s1, s2)
-        self.stats["rows_error" if out["error"] else "rows_done"] += 1
+        count_row(self.stats, out)
         return out
 
     # ------------------------------------------------------------------ submitting and polling
@@ -271,8 +326,7 @@ class BatchRun:
                 return self.fail(key, f"batch line: {e}", keep_failures)
             result = split_reply(reply, [0], self.price)[0]
             result.attempts = 1
-            self.cache.put(key, result.to_cache())
-            self.fresh[key] = result
+            self.new.append(result.to_cache() | {"key": key})
             for name, value in (("prompt_tokens", result.prompt_tokens), ("completion_tokens", result.completion_tokens)):
                 self.stats[name] += value
                 self.stats[f"step{step}_{name}"] += value
@@ -290,17 +344,18 @@ class BatchRun:
             self.failed[key] = message[:500]
 
 
-def run_batches(rows: list[dict], tcfg: Any, *, base_url: str, endpoint_id: str, secret: Secret, cache_dir: str,
-                spent_usd: float = 0.0, say: Callable[[str], None] = lambda m: None) -> tuple[list[dict], dict]:
-    """The batch-mode counterpart of `fanout.fan_out`: (completions rows, counters)."""
+def run_batches(chunks: Callable[[], Iterator[list[dict]]], write: Callable[[list[dict]], None], tcfg: Any, *,
+                base_url: str, endpoint_id: str, secret: Secret, cache_dir: str, spent_usd: float = 0.0,
+                longest_question: int = 0, say: Callable[[str], None] = lambda m: None) -> dict:
+    """The batch-mode counterpart of the Ray Data fan-out: rows go to `write` chunk by chunk; returns counters."""
     from ..endpoint import run_sync
 
     run = BatchRun(tcfg, base_url=base_url, endpoint_id=endpoint_id, secret=secret, cache_dir=cache_dir, say=say)
-    out = run_sync(lambda: run.run(rows, spent_usd))
+    run_sync(lambda: run.run(chunks, write, spent_usd, longest_question))
     stats = dict(run.stats)
     stats.update(requests=stats.get("lines_submitted", 0), http_calls=run.http.get("requests", 0),
                  retries=run.http.get("retries", 0))
-    return out, stats
+    return stats
 
 
 __all__ = ["run_batches", "BatchRun", "Ledger", "ledger_dir"]

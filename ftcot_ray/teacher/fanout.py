@@ -1,52 +1,42 @@
-"""The teacher fan-out: problems x D samples -> completions rows, on Ray actors.
+"""The teacher fan-out: questions -> D_max samples each -> completions rows, as one Ray Data pipeline.
 
 What happens to one question (plain async functions, testable without Ray): step 1 asks for the
-rationales of its samples (one `n`-request or one request per sample), step 2 asks each rationale
-for its answer. Where it runs: async Ray actors sized to the CPUs Ray has (`teacher.num_actors`),
-fed chunks of rows by the driver; the job's `teacher.concurrency` requests in flight are split
-evenly over the actors, each keeping its share on one event loop with one pooled HTTP client
-(ftcot_ray/endpoint.py). Every actor shares ONE gate actor (rate limits, budget, counters). The
-driver shows a live bar fed from the gate's counters. Rows travel as JSON strings.
+rationales of its samples (one `n`-request or one request per sample, `RequestSpec.groups`), step 2
+asks each rationale for its answer; every step looks at the stored answers first.
 
-`teacher.batch_size` is only the rows per chunk: each actor holds as many chunks at once as it
-takes to keep its share of requests in flight (`actor_plan`), so the chunk size never changes
-the concurrency, and the concurrency never changes the chunk size.
+Where it runs: `fan_out` returns the lazy pipeline
 
-Every request's cache keys are appended to a journal (`<cache_dir>/inflight/`) before it is sent:
-after a kill, the next run counts the keys that were on the wire and are not in the cache (asked
-again, perhaps paid twice) and says so in its summary.
+    questions (the problems table, read by Ray Data) -> map_batches(TeacherWorker)
+
+over an autoscaling Ray Data actor pool (at most `teacher.num_actors` async workers). Each worker is
+one event loop with one pooled HTTP client (ftcot_ray/endpoint.py) keeping its share of
+`teacher.concurrency` requests in flight, the run's answer index (teacher/answers.py, shared through
+the object store), and its own answer log. Every worker shares ONE gate actor (rate limits, budget,
+counters), which also feeds the driver's progress bar. The stage writes the pipeline's output as
+Parquet shards as blocks finish: the driver holds counters, never rows.
+
+Why Ray Data and not the plain actors this replaced: those were fed by a driver that held every row
+(4.4 GB at a million questions) and collected every answer back. A Ray Data actor pool starts about
+2 s later than a plain actor, which a run of a few thousand requests notices and a run of hours does not.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import math
-import threading
 import uuid
 from collections import defaultdict
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any, AsyncIterator, Optional
 
-from ..prompts import answer_prompt, chat_messages, reasoning_prompt
-from .cache import AnswerCache, request_key
+from ..prompts import answer_prompt, reasoning_prompt
+from ..schemas import COMPLETION_COLUMNS
+from .answers import AnswerIndex, AnswerStore
 from .client import Secret, StepResult, TeacherClient
 from .limiter import Permits, limiter_actor_class
+from .spec import RequestSpec
 
+QUESTION_COLUMNS = ("sample_index", "split", "question", "answer")
 ROW_BASE = ("sample_index", "sample_idx", "split", "question", "answer")
-
-
-def expand_rows(problems: list[dict], samples: int) -> list[dict]:
-    """One row per (problem, sample_idx): the work list of the fan-out."""
-    return [{k: p[k] for k in ROW_BASE if k != "sample_idx"} | {"sample_idx": i}
-            for p in problems for i in range(samples)]
-
-
-def payloads(api: str, question: str, rationale: Optional[str] = None) -> Any:
-    """Step 1 (rationale None) or step 2 request body: a completions prompt or the two-turn chat."""
-    if api == "chat":
-        return chat_messages(question, rationale)
-    return reasoning_prompt(question) if rationale is None else answer_prompt(question, rationale)
 
 
 def finish_row(row: dict, tcfg: Any, s1: StepResult, s2: Optional[StepResult]) -> dict:
@@ -72,237 +62,189 @@ def finish_row(row: dict, tcfg: Any, s1: StepResult, s2: Optional[StepResult]) -
     }
 
 
-async def answer_question(client: TeacherClient, tcfg: Any, rows: list[dict]) -> list[dict]:
-    """All requested samples of one question: step 1, then step 2 on each rationale.
+async def answer_question(client: TeacherClient, tcfg: Any, question: dict, samples: list[int]) -> list[dict]:
+    """The given samples of one question: step 1, then step 2 on each rationale.
 
     Each sample goes on to its step 2 as soon as its own step 1 is back (with `use_n`, one request
     brings all rationales at once): waiting for siblings would hold budget and slots for nothing.
     """
-    q = rows[0]["question"]
+    q = question["question"]
 
-    async def second(row: dict, s1: StepResult) -> dict:
+    async def second(i: int, s1: StepResult) -> dict:
+        row = question | {"sample_idx": i}
         if s1.error is not None:
             return finish_row(row, tcfg, s1, None)  # (a failed step 1 released its reservation already)
         # A rationale asked for in this run prepaid its answer's budget (see `Permits`).
-        res = await client.step(payloads(tcfg.api, q, s1.text), [row["sample_idx"]], tcfg.answer_max_tokens,
-                                first_step=False, prepaid=not s1.cached)
-        return finish_row(row, tcfg, s1, res[row["sample_idx"]])
+        res = await client.step(q, s1.text, [i], prepaid=not s1.cached)
+        return finish_row(row, tcfg, s1, res[i])
 
-    async def whole(row: dict) -> dict:
-        first = await client.step(payloads(tcfg.api, q), [row["sample_idx"]], tcfg.max_tokens)
-        return await second(row, first[row["sample_idx"]])
+    async def whole(i: int) -> dict:
+        first = await client.step(q, None, [i])
+        return await second(i, first[i])
 
-    if tcfg.use_n and len(rows) > 1:
-        first = await client.step(payloads(tcfg.api, q), [r["sample_idx"] for r in rows], tcfg.max_tokens)
-        out = await asyncio.gather(*(second(r, first[r["sample_idx"]]) for r in rows))
+    if tcfg.use_n and len(samples) > 1:
+        first = await client.step(q, None, samples)
+        out = await asyncio.gather(*(second(i, first[i]) for i in samples))
+    elif len(samples) == 1:  # no task of its own: a task per request costs as much CPU as sending it
+        out = [await whole(samples[0])]
     else:
-        out = await asyncio.gather(*(whole(r) for r in rows))
+        out = await asyncio.gather(*(whole(i) for i in samples))
     for r in out:
-        client.delta["rows_error" if r["error"] else "rows_done"] += 1
+        count_row(client.delta, r)
     return list(out)
 
 
-async def answer_rows(client: TeacherClient, tcfg: Any, rows: list[dict]) -> list[dict]:
-    by_question: dict[int, list[dict]] = defaultdict(list)
-    for r in rows:
-        by_question[r["sample_index"]].append(r)
-    groups = await asyncio.gather(*(answer_question(client, tcfg, g) for g in by_question.values()))
+def count_row(delta: Any, r: dict) -> None:
+    """What the written table holds, counted as each row leaves a worker (the stage's summary)."""
+    delta["rows_error" if r["error"] else "rows_done"] += 1
+    delta["rows_truncated"] += r["finish_reason"] == "length"
+    delta["rows_cost_usd"] += r["cost_usd"] or 0.0
+    delta["rows_budget_unsent"] += bool(r["error"]) and "budget:" in r["error"]
+
+
+async def answer_questions(client: TeacherClient, tcfg: Any, questions: list[dict],
+                           samples: Optional[int] = None) -> list[dict]:
+    """Every question's samples 0..D_max-1 (or `samples`), questions concurrently; rows in question order."""
+    d = samples or tcfg.samples
+    client.delta["questions"] += len(questions)
+    groups = await asyncio.gather(*(answer_question(client, tcfg, q, list(range(d))) for q in questions))
     return [r for g in groups for r in g]
 
 
-# --------------------------------------------------------------------------- the cache, from the driver
-
-
-def cached_row(cache: AnswerCache, tcfg: Any, endpoint_id: str, row: dict) -> Optional[dict]:
-    """The finished row if both steps of this sample are cached (a re-run sends nothing for it)."""
-    def get(payload: Any, max_tokens: int) -> Optional[StepResult]:
-        params = {"temperature": tcfg.temperature, "top_p": tcfg.top_p, "max_tokens": max_tokens}
-        hit = cache.get(request_key(endpoint_id, tcfg.api, tcfg.model, payload, params, row["sample_idx"]))
-        return StepResult.from_cache(hit) if hit is not None else None
-
-    s1 = get(payloads(tcfg.api, row["question"]), tcfg.max_tokens)
-    if s1 is None:
-        return None
-    s2 = get(payloads(tcfg.api, row["question"], s1.text), tcfg.answer_max_tokens)
-    return finish_row(row, tcfg, s1, s2) if s2 is not None else None
+async def answer_rows(client: TeacherClient, tcfg: Any, rows: list[dict]) -> list[dict]:
+    """Rows of (question, sample_idx) as they come (a pilot's or a test's pick), grouped by question."""
+    by_question: dict[int, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_question[r["sample_index"]].append(r)
+    client.delta["questions"] += len(by_question)
+    groups = await asyncio.gather(*(answer_question(client, tcfg, {k: g[0][k] for k in QUESTION_COLUMNS},
+                                                    [r["sample_idx"] for r in g]) for g in by_question.values()))
+    return [r for g in groups for r in g]
 
 
 # --------------------------------------------------------------------------- Ray wiring
 
 
 class TeacherWorker:
-    """One fan-out actor: one pooled endpoint client on the actor's event loop, shared by all its chunks."""
+    """One worker of the Ray Data actor pool: an event loop with one pooled endpoint client, the run's
+    answer index (read-only, from the object store) and this worker's answer log."""
 
-    def __init__(self, spec: dict, secret: Secret, gate: Any):
+    def __init__(self, spec: dict, secret: Secret, gate: Any, index: list):
+        import ray
+
         from ..config import TeacherConfig
 
         self.spec, self.secret, self.gate = spec, secret, gate
         self.t = TeacherConfig.model_validate(spec["teacher"])
+        self.index: Optional[AnswerIndex] = ray.get(index[0]) if index and index[0] is not None else None
+        self.log = AnswerStore(spec["cache_dir"]).log(self.t.cache_block_rows, self.t.cache_flush_s, spec["run"])
         self.client: Optional[TeacherClient] = None
+        self.flushing: Optional[asyncio.Task] = None
 
     def _ensure(self) -> TeacherClient:
-        if self.client is None:  # created on the actor's event loop, at the first chunk
-            permits = Permits(self.gate, self.spec["gated"], self.spec["tokens_each"], self.spec["cost_each"])
-            journal = open_journal(self.spec["journal_dir"])
+        if self.client is None:  # created on the worker's event loop, at its first batch
+            permits = Permits(self.gate, self.spec["gated"], self.spec["cost_each"])
             self.client = TeacherClient(self.t, base_url=self.spec["base_url"], endpoint_id=self.spec["endpoint_id"],
-                                        secret=self.secret, cache=AnswerCache(self.spec["cache_dir"]), permits=permits,
-                                        concurrency=self.spec["per_actor"], journal=journal)
-            asyncio.ensure_future(self._flush_loop())
+                                        secret=self.secret, permits=permits, index=self.index, log=self.log,
+                                        concurrency=self.spec["per_worker"])
+            asyncio.ensure_future(self._background())
         return self.client
 
-    async def _flush_loop(self) -> None:
+    async def _background(self) -> None:
+        """Counters to the gate every 0.5 s (progress; another worker's 429 pause); a block when one is due."""
         while True:
             await asyncio.sleep(0.5)
             try:
                 await self.client.permits.flush()
-            except Exception:  # progress is best effort; the chunk-end flush is awaited
+            except Exception:  # progress is best effort; the batch-end flush is awaited
                 pass
+            self._seal_if_due()
 
-    async def ready(self) -> bool:
-        return True
+    def _seal_if_due(self) -> None:
+        if self.log.due() and (self.flushing is None or self.flushing.done()):
+            taken = self.log.rotate()  # on the loop: the journal switches over here
+            if taken is not None:  # the block is written off the loop (an object PUT may take a while)
+                self.flushing = asyncio.ensure_future(asyncio.to_thread(self.log.seal, taken))
 
-    async def answer(self, rows_json: list[str]) -> list[str]:
+    async def __call__(self, batch: dict) -> AsyncIterator[dict]:
         client = self._ensure()
-        out = await answer_rows(client, self.t, [json.loads(x) for x in rows_json])
+        questions = [dict(zip(QUESTION_COLUMNS, values)) for values in zip(*(batch[c] for c in QUESTION_COLUMNS))]
+        questions = [{k: (v.item() if hasattr(v, "item") else v) for k, v in q.items()} for q in questions]
+        rows = await answer_questions(client, self.t, questions)
         await client.permits.flush()
-        return [json.dumps(r, ensure_ascii=False) for r in out]
+        self._seal_if_due()
+        yield {c: [r[c] for r in rows] for c in COMPLETION_COLUMNS}
 
-
-# --------------------------------------------------------------------------- the in-flight journal
-
-
-def journal_dir(cache_dir: str | Path) -> Path:
-    """Beside the cache (for a cache on object storage: in its local mirror, on the driver's disk)."""
-    from ..storage import local_side
-
-    return local_side(cache_dir) / "inflight"
-
-
-def open_journal(folder: str | Path):
-    """An append-only file of the cache keys this worker sends (line-buffered: one write per request)."""
-    path = Path(folder)
-    path.mkdir(parents=True, exist_ok=True)
-    return open(path / f"{uuid.uuid4().hex}.keys", "a", buffering=1, encoding="utf-8")
-
-
-def take_journals(cache_dir: str | Path) -> set[str]:
-    """Keys earlier runs had on the wire (the journals are then removed: this run writes its own).
-
-    Two runs sharing one cache at the same moment would miscount this figure (never the cache)."""
-    keys: set[str] = set()
-    for f in sorted(journal_dir(cache_dir).glob("*.keys")):
+    def __del__(self) -> None:  # Ray Data's graceful shutdown of the pool: what is pending becomes a block
         try:
-            keys.update(line.strip() for line in f.read_text(encoding="utf-8").splitlines() if line.strip())
-            f.unlink()
-        except OSError:
-            pass
-    return keys
-
-
-def clear_journals(cache_dir: str | Path) -> None:
-    take_journals(cache_dir)
-
-
-def resent_keys(cache: AnswerCache, journaled: set[str]) -> set[str]:
-    """Journaled keys with no cached answer: sent by an interrupted run, to be asked again."""
-    return {k for k in journaled if cache.get(k) is None}
+            if self.flushing is not None and not self.flushing.done():
+                return  # a block is being written: the journal stays, and the next run recovers it
+            self.log.close()
+        except Exception:
+            pass  # a journal left behind is recovered by the next run (answers.recover_orphans)
 
 
 # --------------------------------------------------------------------------- sizing
 
 
-def actor_plan(tcfg: Any, n_rows: int, cpus: float) -> dict:
-    """How the fan-out runs: actors, requests in flight each, rows per chunk, chunks in flight each.
+def worker_plan(tcfg: Any, n_questions: int, cpus: float) -> dict:
+    """How the fan-out runs: workers, requests in flight each, questions per batch, batches in flight each.
 
-    Actors: `teacher.num_actors`, else one per 512 requests in flight, at most one per CPU Ray has:
-    one actor's event loop sends over 1,000 req/s on one core here (about 0.3 ms of CPU a request),
-    and on two shared cores a second actor at 256 in flight only added start-up time. Each actor
-    holds chunks of `teacher.batch_size` rows, enough of them at once for twice its share of
-    requests in flight: a chunk's slowest rows never leave slots idle.
+    Workers: `teacher.num_actors`, else one per 512 requests in flight, at most one per CPU Ray has:
+    one worker's event loop sends over 1,000 req/s on one core here, and on two shared cores a second
+    one at 256 in flight only added start-up time. Each worker holds enough batches at once for twice
+    its share of requests in flight, so a batch's slowest rows never leave slots idle. (Never more
+    workers than blocks of 4 batches: an idle worker costs its start-up and does nothing.)
     """
-    actors = tcfg.num_actors or max(1, min(math.ceil(tcfg.concurrency / 512), int(cpus) or 1))
-    actors = max(1, min(actors, math.ceil(n_rows / tcfg.batch_size)))
-    per_actor = math.ceil(tcfg.concurrency / actors)
-    chunks_each = max(1, math.ceil(2 * per_actor / tcfg.batch_size))
-    return {"actors": actors, "per_actor": per_actor, "batch_size": tcfg.batch_size, "chunks_in_flight": chunks_each}
+    workers = tcfg.num_actors or max(1, min(math.ceil(tcfg.concurrency / 512), int(cpus) or 1))
+    workers = max(1, min(workers, math.ceil(max(1, n_questions) / (4 * tcfg.batch_size))))
+    per_worker = math.ceil(tcfg.concurrency / workers)
+    batches = math.ceil(2 * per_worker / (tcfg.batch_size * tcfg.samples))
+    # Ray Data runs 4 batches of a task at once (an async UDF's default), so tasks in flight = batches / 4.
+    return {"workers": workers, "per_worker": per_worker, "batch_size": tcfg.batch_size,
+            "tasks_in_flight": max(2, math.ceil(batches / 4) + 1)}
 
 
-def chunks(rows: list[dict], size: int) -> list[list[dict]]:
-    """About `size` rows each, never splitting a question: its samples share one `n`-request (use_n)."""
-    out: list[list[dict]] = []
-    current: list[dict] = []
-    for r in rows:
-        if len(current) >= size and r["sample_index"] != current[-1]["sample_index"]:
-            out.append(current)
-            current = []
-        current.append(r)
-    return out + ([current] if current else [])
-
-
-def request_ceilings(rows: list[dict], tcfg: Any) -> tuple[float, float]:
-    """(tokens, USD) one request can cost at most: longest step-2 prompt + max_tokens (chars/3 per token)."""
-    longest_q = max((len(r["question"]) for r in rows), default=0)
-    out_tokens = max(tcfg.max_tokens, tcfg.answer_max_tokens)
-    prompt_tokens = math.ceil((longest_q + 60) / 3) + tcfg.max_tokens * 2  # rationale text sits in the step-2 prompt
+def request_ceilings(longest_question: int, tcfg: Any) -> tuple[float, float]:
+    """(tokens, USD) one request can cost at most (see `RequestSpec.ceilings`)."""
+    prompt_tokens, out_tokens = RequestSpec.of(tcfg, "").ceilings(longest_question)
     price = tcfg.prices.get(tcfg.model)
     pin, pout = price.per_token(tcfg.mode) if price else (0.0, 0.0)
     return float(prompt_tokens + out_tokens), prompt_tokens * pin + out_tokens * pout
 
 
-def fan_out(rows: list[dict], tcfg: Any, *, base_url: str, endpoint_id: str, secret: Secret, cache_dir: str,
-            spent_usd: float = 0.0, cached: int = 0, total: Optional[int] = None,
-            progress: bool = True) -> tuple[list[dict], dict]:
-    """Ask for every row on the actors; returns (completions rows in any order, the gate's final counters).
+def start_gate(tcfg: Any, spent_usd: float):
+    """The job's one gate actor (rate limits, budget, counters); `spent_usd`: what the stored rows cost."""
+    return limiter_actor_class().options(name=f"ftcot-teacher-gate-{uuid.uuid4().hex[:8]}").remote(
+        rpm=tcfg.rpm, tpm=tcfg.tpm, budget_usd=tcfg.budget_usd, spent_usd=spent_usd)
 
-    Plain Ray actors fed chunk by chunk, not Ray Data: measured here, a Ray Data actor pool took
-    2.2 s longer than an actor to send its first request (2.8 s vs 0.6 s after `ray.init`), which
-    on a 2,000-request fan-out is the gap between 0.45x and 0.8x of one aiohttp loop; and none of
-    Ray Data's strengths (blocks of data larger than memory, fused operators) applies to a work
-    list the driver holds anyway. Ray restarts a lost actor and re-runs its chunks
-    (`max_restarts`, `max_task_retries`); answered requests come back from the cache.
-    """
+
+def fan_out(questions, tcfg: Any, *, gate: Any, index_ref: Any, base_url: str, endpoint_id: str, secret: Secret,
+            cache_dir: str, n_questions: int, longest_question: int, run: str = ""):
+    """The lazy pipeline questions -> completions rows (a Ray Dataset; nothing runs until it is written).
+    `run` tags the workers' journals (`AnswerStore.recover_orphans(wait_for=run)`)."""
     import ray
 
-    tokens_each, cost_each = request_ceilings(rows, tcfg)
-    gated = bool(tcfg.rpm or tcfg.tpm or tcfg.budget_usd is not None)
-    gate = limiter_actor_class().options(name=f"ftcot-teacher-gate-{uuid.uuid4().hex[:8]}").remote(
-        rpm=tcfg.rpm, tpm=tcfg.tpm, budget_usd=tcfg.budget_usd, spent_usd=spent_usd, counters={"cache_hits": cached})
-    plan = actor_plan(tcfg, len(rows), ray.cluster_resources().get("CPU", 1))
+    _, cost_each = request_ceilings(longest_question, tcfg)
+    plan = worker_plan(tcfg, n_questions, ray.cluster_resources().get("CPU", 1))
     spec = {"teacher": tcfg.model_dump(mode="json"), "base_url": base_url, "endpoint_id": endpoint_id,
-            "cache_dir": str(cache_dir), "journal_dir": str(journal_dir(cache_dir)), "gated": gated,
-            "tokens_each": tokens_each, "cost_each": cost_each, "per_actor": plan["per_actor"]}
-    worker = ray.remote(TeacherWorker).options(num_cpus=tcfg.actor_cpus, max_restarts=3, max_task_retries=3,
-                                               max_concurrency=plan["chunks_in_flight"] + 2,
-                                               scheduling_strategy="SPREAD")
-    actors = [worker.remote(spec, secret, gate) for _ in range(plan["actors"])]
-    todo = [[json.dumps(r, ensure_ascii=False) for r in chunk] for chunk in chunks(rows, tcfg.batch_size)]
-    todo.reverse()  # popped from the end: rows go out in order
-    bar = _progress_bar(gate, total if total is not None else len(rows) + cached, cached, enabled=progress)
-    out: list[dict] = []
-    pending: dict = {}
-    try:
-        for a in actors:
-            for _ in range(plan["chunks_in_flight"]):
-                if todo:
-                    pending[a.answer.remote(todo.pop())] = a
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                a = pending.pop(ref)
-                out.extend(json.loads(x) for x in ray.get(ref))
-                if todo:
-                    pending[a.answer.remote(todo.pop())] = a
-    finally:
-        if bar is not None:
-            bar.close()
-        for a in actors:  # at once: an interrupted driver must not leave actors sending (issue 14)
-            ray.kill(a)
-    stats = ray.get(gate.stats.remote()) | {"plan": plan}
-    ray.kill(gate)
-    return out, stats
+            "cache_dir": str(cache_dir), "run": run, "gated": bool(tcfg.rpm or tcfg.tpm or tcfg.budget_usd is not None),
+            "cost_each": cost_each, "per_worker": plan["per_worker"]}
+    # Blocks of 4 batches (what Ray Data runs at once inside one task of an async UDF): enough tasks for
+    # every worker, however few or large the blocks the questions were read in.
+    ds = questions.repartition(target_num_rows_per_block=4 * tcfg.batch_size).map_batches(
+        TeacherWorker, fn_constructor_kwargs={"spec": spec, "secret": secret, "gate": gate, "index": [index_ref]},
+        batch_size=tcfg.batch_size, batch_format="numpy",
+        # A lost worker is restarted and its batches retried (Ray Data's actor defaults); answered requests
+        # come back from the store.
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan["workers"], initial_size=plan["workers"],
+                                           max_tasks_in_flight_per_actor=plan["tasks_in_flight"],
+                                           max_concurrent_calls_per_actor=plan["tasks_in_flight"]),
+        num_cpus=tcfg.actor_cpus)
+    return ds, plan
 
 
-def _progress_bar(gate: Any, total: int, cached: int, enabled: bool):
+def progress_bar(gate: Any, total: int, enabled: bool):
     """The teacher's bar, fed from the gate's counters (None when progress is off)."""
     if not enabled:
         return None
@@ -313,9 +255,9 @@ def _progress_bar(gate: Any, total: int, cached: int, enabled: bool):
     def poll():
         s = ray.get(gate.stats.remote(), timeout=5)
         rate = s["requests"] / s["elapsed_s"] if s["elapsed_s"] > 0 else 0.0
-        return cached + s["rows_done"] + s["rows_error"], total, format_figures(s, rate)
+        return s["rows_done"] + s["rows_error"], total, format_figures(s, rate)
 
-    return PolledBar(poll, "teacher", total, initial=cached, unit="row")
+    return PolledBar(poll, "teacher", total, unit="row")
 
 
 def format_figures(s: dict, req_per_s: float) -> str:

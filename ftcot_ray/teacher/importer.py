@@ -18,7 +18,7 @@ from ..artifacts import begin, finish, write_json
 from ..config import Config, load_config
 from ..errors import InputMissing
 from ..io import InputFileError, read_json
-from ..schemas import write_table
+from ..tables import write_table
 from ..tasks.splits import paper_split
 
 SOURCES = ("reasoning-teacher",)

@@ -7,6 +7,12 @@ worker side: concurrent requests that need a permit at the same moment are coale
 actor call, so the actor is asked once per burst, not once per request; with no rpm/tpm/budget set
 the actor is off the hot path entirely and only receives counter flushes (every 0.5 s).
 
+Rate limits hold in every window: a bucket holds one second's worth (the burst) and refills at
+(limit - burst) per minute, so no 60-second window ever sees more than the limit. Tokens per minute
+are charged at send time by an estimate (the prompt's characters / 4, plus the completion tokens
+this worker has been seeing) and corrected with the usage the response reports (the correction
+flows back with the counters), instead of charging every request the worst case.
+
 Budget: each request reserves a ceiling cost (its longest prompt + max_tokens at the model's
 price) before it is sent, and the reservation is swapped for the real cost when usage comes back.
 So the job stops *before* the budget would be exceeded, a little early rather than a little late.
@@ -22,6 +28,8 @@ from typing import Any, Optional
 
 COUNTERS = ("rows_done", "rows_error", "requests", "failed_requests", "retries", "cache_hits",
             "prompt_tokens", "completion_tokens", "cost_usd",
+            # what the written table holds (cached rows included), counted as rows leave the workers
+            "questions", "rows_truncated", "rows_cost_usd", "rows_budget_unsent",
             # per step: distinct requests (retries not counted again) and the usage they reported
             "step1_requests", "step1_prompt_tokens", "step1_completion_tokens",
             "step2_requests", "step2_prompt_tokens", "step2_completion_tokens")
@@ -32,9 +40,11 @@ class BudgetExhausted(RuntimeError):
 
 
 class TokenBucket:
+    """`limit` per minute in every 60-second window: a burst of `burst_s` worth, refilled at (limit - burst) / 60 s."""
+
     def __init__(self, per_minute: float, burst_s: float = 1.0):
-        self.rate = per_minute / 60.0
-        self.capacity = max(1.0, self.rate * burst_s)
+        self.capacity = max(1.0, per_minute / 60.0 * burst_s)
+        self.rate = max(per_minute - self.capacity, per_minute / 120.0) / 60.0
         self.level = self.capacity
         self.t = time.monotonic()
 
@@ -51,6 +61,23 @@ class TokenBucket:
 
     def take(self, n: int, cost: float) -> None:
         self.level -= n * cost
+
+    def prefix(self, costs: list[float], now: float) -> int:
+        """How many of `costs`, in order, the bucket can pay now."""
+        self._refill(now)
+        if costs and costs[0] > self.capacity:  # a request bigger than the bucket goes when it is full
+            return 1 if self.level >= self.capacity else 0
+        level, n = self.level, 0
+        for c in costs:
+            if c > level:
+                break
+            level -= c
+            n += 1
+        return n
+
+    def correct(self, tokens: float) -> None:
+        """Charge (or refund) the difference between what a request really used and its estimate."""
+        self.level = min(self.capacity, self.level - tokens)
 
     def wait_for(self, cost: float) -> float:
         need = min(cost, self.capacity) - self.level
@@ -72,9 +99,10 @@ class JobGate:
         self.counters: Counter = Counter(counters or {})
         self.started = time.time()
 
-    def acquire(self, n: int, tokens_each: float, cost_each: float) -> dict:
-        """Grant up to `n` permits now: {"granted", "wait_s", "budget_stop"}."""
-        now = time.monotonic()
+    def acquire(self, tokens: list[float], cost_each: float) -> dict:
+        """Grant permits to a prefix of the requests whose estimated `tokens` are given (TPM): {"granted",
+        "wait_s", "budget_stop"}."""
+        n, now = len(tokens), time.monotonic()
         if self.budget_stopped and cost_each > 0:  # 0-cost permits were paid for at step 1
             return {"granted": 0, "wait_s": 0.0, "budget_stop": True}
         if now < self.pause_until:
@@ -87,15 +115,19 @@ class JobGate:
                 self.budget_stopped = True
                 return {"granted": 0, "wait_s": 0.0, "budget_stop": True}
             n = min(n, afford)
-        for bucket, cost in ((self.requests, 1.0), (self.tokens, tokens_each)):
-            if bucket is not None:
-                n = min(n, bucket.available(cost, now))
+        if self.requests is not None:
+            n = min(n, self.requests.available(1.0, now))
+        if self.tokens is not None:
+            n = min(n, self.tokens.prefix(tokens[:n], now))
         if n <= 0:
-            waits = [b.wait_for(c) for b, c in ((self.requests, 1.0), (self.tokens, tokens_each)) if b is not None]
+            waits = [self.requests.wait_for(1.0)] if self.requests is not None else []
+            if self.tokens is not None:
+                waits.append(self.tokens.wait_for(tokens[0]))
             return {"granted": 0, "wait_s": max(0.01, max(waits, default=0.01)), "budget_stop": False}
-        for bucket, cost in ((self.requests, 1.0), (self.tokens, tokens_each)):
-            if bucket is not None:
-                bucket.take(n, cost)
+        if self.requests is not None:
+            self.requests.take(n, 1.0)
+        if self.tokens is not None:
+            self.tokens.level -= sum(tokens[:n])
         self.reserved += n * cost_each
         return {"granted": n, "wait_s": 0.0, "budget_stop": False}
 
@@ -106,6 +138,8 @@ class JobGate:
                 self.counters[k] += v
         self.spent += delta.get("cost_usd", 0.0)
         self.reserved = max(0.0, self.reserved - delta.get("released_usd", 0.0))
+        if self.tokens is not None and delta.get("tpm_correction"):
+            self.tokens.correct(delta["tpm_correction"])
         return {"pause_s": max(0.0, self.pause_until - time.monotonic()), "budget_stop": self.budget_stopped}
 
     def pause(self, seconds: float) -> None:
@@ -128,8 +162,8 @@ def limiter_actor_class():
         def __init__(self, **kwargs: Any):
             self.gate = JobGate(**kwargs)
 
-        async def acquire(self, n: int, tokens_each: float, cost_each: float) -> dict:
-            return self.gate.acquire(n, tokens_each, cost_each)
+        async def acquire(self, tokens: list[float], cost_each: float) -> dict:
+            return self.gate.acquire(tokens, cost_each)
 
         async def report(self, delta: dict) -> dict:
             return self.gate.report(delta)
@@ -152,10 +186,10 @@ class Permits:
     then asks with 0 units (rate limits still apply) and releases its unit when it is done.
     """
 
-    def __init__(self, gate: Any, gated: bool, tokens_each: float, cost_each: float, local: bool = False):
+    def __init__(self, gate: Any, gated: bool, cost_each: float, local: bool = False):
         self.gate, self.gated, self.local = gate, gated, local  # local: `gate` is a JobGate, not an actor
-        self.tokens_each, self.cost_each = tokens_each, cost_each
-        self.waiters: list[tuple[int, asyncio.Future]] = []
+        self.cost_each = cost_each
+        self.waiters: list[tuple[int, float, asyncio.Future]] = []
         self.fetching = False
         self.pause_until = 0.0
         self.stopped = False
@@ -167,8 +201,9 @@ class Permits:
             return getattr(self.gate, method)(*args)
         return await getattr(self.gate, method).remote(*args)
 
-    async def acquire(self, units: int = 1) -> None:
-        """Wait for a permit reserving `units` x cost_each; BudgetExhausted when that would exceed the budget."""
+    async def acquire(self, units: int = 1, tokens: float = 1.0) -> None:
+        """Wait for a permit reserving `units` x cost_each and an estimated `tokens` of the TPM limit;
+        BudgetExhausted when the reservation would exceed the budget."""
         if self.stopped and units > 0:
             raise BudgetExhausted
         wait = self.pause_until - time.monotonic()
@@ -177,15 +212,15 @@ class Permits:
         if not self.gated:
             return
         fut = asyncio.get_running_loop().create_future()
-        self.waiters.append((units, fut))
+        self.waiters.append((units, tokens, fut))
         if not self.fetching:
             self.fetching = True
             asyncio.ensure_future(self._fetch())
         await fut
 
-    def _next_group(self) -> list[tuple[int, asyncio.Future]]:
+    def _next_group(self) -> list[tuple[int, float, asyncio.Future]]:
         """Prepaid (0-unit) waiters first: finishing started rows beats starting new ones."""
-        units = 0 if any(u == 0 for u, _ in self.waiters) else self.waiters[0][0]
+        units = 0 if any(w[0] == 0 for w in self.waiters) else self.waiters[0][0]
         return [w for w in self.waiters if w[0] == units]
 
     async def _fetch(self) -> None:
@@ -193,10 +228,10 @@ class Permits:
             while self.waiters:
                 group = self._next_group()
                 units = group[0][0]
-                res = await self._call("acquire", len(group), self.tokens_each, self.cost_each * units)
+                res = await self._call("acquire", [w[1] for w in group], self.cost_each * units)
                 if res["budget_stop"]:
                     self.stopped = True
-                    for u, f in group:
+                    for _, _, f in group:
                         f.set_exception(BudgetExhausted())
                     gone = {id(w) for w in group}
                     self.waiters = [w for w in self.waiters if id(w) not in gone]
@@ -204,20 +239,23 @@ class Permits:
                 granted = group[: res["granted"]]
                 gone = {id(w) for w in granted}
                 self.waiters = [w for w in self.waiters if id(w) not in gone]
-                for _, f in granted:
+                for _, _, f in granted:
                     f.set_result(None)
                 if res["wait_s"] > 0:
                     await asyncio.sleep(min(res["wait_s"], 1.0))
         except Exception as e:  # the actor died: fail the waiters loudly rather than hang
-            for _, f in self.waiters:
+            for _, _, f in self.waiters:
                 if not f.done():
                     f.set_exception(e)
             self.waiters.clear()
         finally:
             self.fetching = False
 
-    def done(self, cost_usd: float, release_units: int) -> None:
-        """A request finished (ok or not): release `release_units` of reservation, charge what it cost."""
+    def done(self, cost_usd: float, release_units: int, tokens_over_estimate: float = 0.0) -> None:
+        """A request finished (ok or not): release `release_units` of reservation, charge what it cost,
+        and correct the TPM charge by what it used beyond (or short of) its estimate."""
+        if tokens_over_estimate:
+            self.delta["tpm_correction"] += tokens_over_estimate
         if self.gated and release_units:
             self.delta["released_usd"] += self.cost_each * release_units
             if self.waiters and not self.flush_soon:  # someone may be waiting for exactly this money

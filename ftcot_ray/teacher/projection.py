@@ -21,15 +21,14 @@ documented overhead of 4 tokens a message plus 3 a reply (approximate, and label
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..errors import ConfigError
 from ..prompts import ANSWER_TRIGGER
-from .cache import AnswerCache, request_key
-from .fanout import payloads
+from .answers import AnswerIndex
+from .spec import RequestSpec
 
 CHARS_PER_TOKEN = 4
 
@@ -109,86 +108,111 @@ class StepTally:
     completion: Range = field(default_factory=Range)
 
 
-def observed(cache: AnswerCache, keys: list[str]) -> list[int]:
-    """Completion tokens of the answered samples among `keys` (pilot and earlier runs)."""
-    out = []
-    for k in keys:
-        hit = cache.get(k)
-        if hit is not None and hit.get("completion_tokens") is not None:
-            out.append(int(hit["completion_tokens"]))
+@dataclass
+class Moments:
+    """Count, sum and sum of squares of observed completion tokens: partial tallies add up."""
+
+    n: int = 0
+    total: float = 0.0
+    squares: float = 0.0
+
+    def add(self, x: float) -> None:
+        self.n, self.total, self.squares = self.n + 1, self.total + x, self.squares + x * x
+
+
+# Partial tallies are flat dicts of numbers, so batches tallied anywhere add up on the driver.
+FIGURES = ("s1_requests", "s1_samples", "s1_prompt_low", "s1_prompt_high", "s1_completion_high",
+           "s2_requests", "s2_samples", "s2_prompt_low", "s2_prompt_high", "s2_completion_high",
+           "cached_rows", "unknown", "cached_usd", "seen1_n", "seen1_sum", "seen1_sq", "seen2_n", "seen2_sum", "seen2_sq")
+
+
+def tally_questions(questions: list[str], spec: RequestSpec, d: int, index: Optional[AnswerIndex],
+                    counter: TokenCounter) -> dict:
+    """Requests and token ranges for samples 0..d-1 of `questions`, as the fan-out will ask them (stored
+    answers first, grouped by `RequestSpec.groups`): a partial tally (FIGURES)."""
+    out = dict.fromkeys(FIGURES, 0.0)
+    trigger = counter.count(ANSWER_TRIGGER) + (4 if counter.chat_overhead else 0)
+    seen1, seen2 = Moments(), Moments()
+    keys1 = [[spec.step1_key(q, i) for i in range(d)] for q in questions]
+    hits1 = index.get_many([k for ks in keys1 for k in ks]) if index is not None and len(index) else {}
+    for q, ks in zip(questions, keys1):
+        p1_tokens = counter.prompt(spec.payload(q))
+        missing = []
+        pending2 = []
+        for i, k1 in enumerate(ks):
+            hit = hits1.get(k1)
+            if hit is None:
+                missing.append(i)
+                out["unknown"] += 1
+                out["s2_requests"] += 1
+                out["s2_samples"] += 1
+                out["s2_prompt_low"] += p1_tokens + trigger
+                out["s2_prompt_high"] += p1_tokens + trigger + spec.max_tokens
+                out["s2_completion_high"] += spec.answer_max_tokens
+                continue
+            if hit.get("completion_tokens") is not None:
+                seen1.add(int(hit["completion_tokens"]))
+            out["cached_usd"] += hit.get("cost_usd") or 0.0
+            pending2.append((i, hit["text"]))
+        keys2 = [spec.step2_key(q, text, i) for i, text in pending2]
+        hits2 = index.get_many(keys2) if keys2 else {}
+        for (i, text), k2 in zip(pending2, keys2):
+            hit = hits2.get(k2)
+            if hit is None:
+                out["s2_requests"] += 1
+                out["s2_samples"] += 1
+                exact = counter.prompt(spec.payload(q, text))
+                out["s2_prompt_low"] += exact
+                out["s2_prompt_high"] += exact
+                out["s2_completion_high"] += spec.answer_max_tokens
+            else:
+                out["cached_rows"] += 1
+                out["cached_usd"] += hit.get("cost_usd") or 0.0
+                if hit.get("completion_tokens") is not None:
+                    seen2.add(int(hit["completion_tokens"]))
+        if missing:
+            for g in spec.groups(missing, 1):
+                out["s1_requests"] += 1
+                out["s1_samples"] += len(g)
+                out["s1_prompt_low"] += p1_tokens
+                out["s1_prompt_high"] += p1_tokens
+                out["s1_completion_high"] += spec.max_tokens * len(g)
+    for name, m in (("seen1", seen1), ("seen2", seen2)):
+        out[f"{name}_n"], out[f"{name}_sum"], out[f"{name}_sq"] = m.n, m.total, m.squares
     return out
 
 
-def _expect(r: Range, per_sample: list[int], n: int, offset: float = 0.0) -> None:
-    """Mean and a 3-sigma band for a sum of `n` samples like `per_sample` (plus a fixed offset)."""
-    if not per_sample or n == 0:
+def add_tallies(parts: list[dict]) -> dict:
+    return {k: sum(p.get(k, 0.0) for p in parts) for k in FIGURES}
+
+
+def _expect(r: Range, seen: Moments, n: float, offset: float = 0.0) -> None:
+    """Mean and a 3-sigma band for a sum of `n` samples like the `seen` ones (plus a fixed offset)."""
+    if not seen.n or n == 0:
         if n == 0:
             r.expected, r.band = offset, (offset, offset)
         return
-    mean = statistics.fmean(per_sample)
-    sd = statistics.pstdev(per_sample) if len(per_sample) > 1 else mean
+    mean = seen.total / seen.n
+    sd = math.sqrt(max(0.0, seen.squares / seen.n - mean * mean)) if seen.n > 1 else mean
     r.expected = offset + mean * n
     half = 3 * sd * math.sqrt(n)
     r.band = (max(r.low, r.expected - half), min(r.high, r.expected + half))
 
 
-def tally(rows: list[dict], tcfg: Any, endpoint_id: str, cache: AnswerCache, counter: TokenCounter) -> dict:
-    """Requests and token ranges for `rows`, as `answer_question` will ask them (cache first)."""
-    t = tcfg
-
-    def key(payload: Any, max_tokens: int, sample: int) -> str:
-        params = {"temperature": t.temperature, "top_p": t.top_p, "max_tokens": max_tokens}
-        return request_key(endpoint_id, t.api, t.model, payload, params, sample)
-
-    s1, s2 = StepTally(), StepTally()
-    trigger = counter.count(ANSWER_TRIGGER) + (4 if counter.chat_overhead else 0)
-    by_q: dict[int, list[dict]] = {}
-    for r in rows:
-        by_q.setdefault(r["sample_index"], []).append(r)
-    s1_keys, s2_keys, cached_rows, unknown = [], [], 0, 0  # unknown: step-2 prompts whose rationale is to come
-    for group in by_q.values():
-        q = group[0]["question"]
-        p1 = payloads(t.api, q)
-        p1_tokens = counter.prompt(p1)
-        missing = []
-        for r in sorted(group, key=lambda r: r["sample_idx"]):
-            k1 = key(p1, t.max_tokens, r["sample_idx"])
-            s1_keys.append(k1)
-            hit = cache.get(k1)
-            if hit is None:
-                missing.append(r["sample_idx"])
-                unknown += 1
-                s2.requests += 1
-                s2.samples += 1
-                s2.prompt.add(p1_tokens + trigger, p1_tokens + trigger + t.max_tokens)
-                s2.completion.add(0, t.answer_max_tokens)
-                continue
-            p2 = payloads(t.api, q, hit["text"])
-            k2 = key(p2, t.answer_max_tokens, r["sample_idx"])
-            s2_keys.append(k2)
-            if cache.get(k2) is None:
-                s2.requests += 1
-                s2.samples += 1
-                exact = counter.prompt(p2)
-                s2.prompt.add(exact, exact)
-                s2.completion.add(0, t.answer_max_tokens)
-            else:
-                cached_rows += 1
-        if missing:
-            contiguous = missing == list(range(missing[0], missing[0] + len(missing)))
-            groups = [missing] if t.use_n and len(missing) > 1 and contiguous else [[s] for s in missing]
-            for g in groups:
-                s1.requests += 1
-                s1.samples += len(g)
-                s1.prompt.add(p1_tokens, p1_tokens)
-                s1.completion.add(0, t.max_tokens * len(g))
-    seen1, seen2 = observed(cache, s1_keys), observed(cache, s2_keys)
+def steps_of(t: dict) -> tuple[StepTally, StepTally]:
+    """The two steps' tallies (with expected figures) from a summed partial tally."""
+    s1 = StepTally(int(t["s1_requests"]), int(t["s1_samples"]), Range(t["s1_prompt_low"], t["s1_prompt_high"]),
+                   Range(0, t["s1_completion_high"]))
+    s2 = StepTally(int(t["s2_requests"]), int(t["s2_samples"]), Range(t["s2_prompt_low"], t["s2_prompt_high"]),
+                   Range(0, t["s2_completion_high"]))
+    seen1 = Moments(int(t["seen1_n"]), t["seen1_sum"], t["seen1_sq"])
+    seen2 = Moments(int(t["seen2_n"]), t["seen2_sum"], t["seen2_sq"])
     s1.prompt.expected, s1.prompt.band = s1.prompt.low, (s1.prompt.low, s1.prompt.high)  # known before any call
     _expect(s1.completion, seen1, s1.samples)
     _expect(s2.completion, seen2, s2.samples)
     # A step-2 prompt is its fixed part plus the rationale it carries (about a step-1 completion's tokens).
-    _expect(s2.prompt, seen1, unknown, offset=s2.prompt.low)
-    return {"steps": (s1, s2), "cached_rows": cached_rows, "observed_samples": len(seen1)}
+    _expect(s2.prompt, seen1, t["unknown"], offset=s2.prompt.low)
+    return s1, s2
 
 
 def price_of(tcfg: Any) -> tuple[tuple[float, float], Optional[str]]:
@@ -199,28 +223,61 @@ def price_of(tcfg: Any) -> tuple[tuple[float, float], Optional[str]]:
     return price.per_token(tcfg.mode), None
 
 
-def project(rows: list[dict], tcfg: Any, endpoint_id: str, cache: AnswerCache, diversities: list[int],
-            counter: Optional[TokenCounter] = None) -> dict:
-    """The projection for D_max and each D in `diversities` (rows with sample_idx < D)."""
+class TallyBatch:
+    """A Ray Data map: each batch of questions -> one row holding its partial tally for every D (JSON)."""
+
+    def __init__(self, tcfg: dict, endpoint_id: str, diversities: list[int], index: list):
+        import ray
+
+        from ..config import TeacherConfig
+
+        t = TeacherConfig.model_validate(tcfg)
+        self.spec, self.diversities, self.counter = RequestSpec.of(t, endpoint_id), diversities, token_counter(t)
+        self.index = ray.get(index[0]) if index and index[0] is not None else None
+
+    def __call__(self, batch: dict) -> dict:
+        import json
+
+        questions = [str(q) for q in batch["question"]]
+        parts = {d: tally_questions(questions, self.spec, d, self.index, self.counter) for d in self.diversities}
+        return {"tally": [json.dumps({"n": len(questions), "longest": max(map(len, questions), default=0),
+                                      "by_D": parts})]}
+
+
+def tally(questions, tcfg: Any, endpoint_id: str, index_ref: Any, diversities: list[int]) -> dict:
+    """Summed tallies for each D over a Ray Dataset of questions: {"n", "longest", "by_D": {D: tally}}."""
+    import json
+
+    import ray
+
+    ds = questions.select_columns(["question"]).map_batches(
+        TallyBatch, fn_constructor_kwargs={"tcfg": tcfg.model_dump(mode="json"), "endpoint_id": endpoint_id,
+                                           "diversities": diversities, "index": [index_ref]},
+        batch_size=2048, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
+    parts = [json.loads(r["tally"]) for r in ds.take_all()]  # one small row per batch
+    return {"n": sum(p["n"] for p in parts), "longest": max((p["longest"] for p in parts), default=0),
+            "by_D": {d: add_tallies([p["by_D"][str(d)] for p in parts]) for d in diversities}}
+
+
+def project(tallies: dict, tcfg: Any, counter: Optional[TokenCounter] = None) -> dict:
+    """The projection for D_max and each D of a `tally` (rows with sample_idx < D)."""
     counter = counter or token_counter(tcfg)
     (pin, pout), note = price_of(tcfg)
     by_d = []
-    for d in sorted({min(x, tcfg.samples) for x in diversities} | {tcfg.samples}):
-        sub = [r for r in rows if r["sample_idx"] < d]
-        res = tally(sub, tcfg, endpoint_id, cache, counter)
-        s1, s2 = res["steps"]
+    for d, t in sorted(tallies["by_D"].items()):
+        s1, s2 = steps_of(t)
         prompt, completion = _sum(s1.prompt, s2.prompt), _sum(s1.completion, s2.completion)
         usd = Range(prompt.low * pin + completion.low * pout, prompt.high * pin + completion.high * pout)
         if prompt.expected is not None and completion.expected is not None:
             usd.expected = prompt.expected * pin + completion.expected * pout
             usd.band = (prompt.band[0] * pin + completion.band[0] * pout, prompt.band[1] * pin + completion.band[1] * pout)
         by_d.append({
-            "D": d, "rows": len(sub), "cached_rows": res["cached_rows"],
+            "D": d, "rows": tallies["n"] * d, "cached_rows": int(t["cached_rows"]),
             "requests": {"step1": s1.requests, "step2": s2.requests, "total": s1.requests + s2.requests},
             "prompt_tokens": {"step1": s1.prompt.to_json(), "step2": s2.prompt.to_json(), "total": prompt.to_json()},
             "completion_tokens": {"step1": s1.completion.to_json(), "step2": s2.completion.to_json(),
                                   "total": completion.to_json()},
-            "usd": usd.to_json(), "observed_samples": res["observed_samples"],
+            "usd": usd.to_json(), "observed_samples": int(t["seen1_n"]), "cached_usd": round(t["cached_usd"], 6),
         })
     out = {"mode": tcfg.mode, "model": tcfg.model, "tokenizer": counter.label, "prompt_tokens_exact": counter.exact,
            "price_per_1m": {"input": pin * 1e6, "output": pout * 1e6}, "by_D": by_d}

@@ -66,6 +66,7 @@ class SimApp:
         if self.key is not None and not self._authorized(scope):
             return await send_json(send, 401, error_body("Incorrect API key provided.", code="invalid_api_key"))
         if path in COMPLETION_ROUTES and method == "POST":
+            self.stats.log_request(_header(scope, b"user-agent"))
             self.stats.in_flight += 1
             try:
                 return await self._generate(path, body, receive, send)
@@ -161,6 +162,8 @@ class SimApp:
                 gone.cancel()
 
     def _roll_fault(self) -> Optional[str]:
+        if self.s.fail_429_at is not None and self.stats.completion_requests == self.s.fail_429_at:
+            return "429"  # the scripted one: the N-th completion request
         u = self.fault_rng.random()
         for name, rate in (("429", self.s.rate_429), ("500", self.s.rate_500),
                            ("timeout", self.s.rate_timeout), ("malformed", self.s.rate_malformed)):
@@ -180,6 +183,10 @@ class SimApp:
 
 
 # --------------------------------------------------------------------------- HTTP plumbing
+
+
+def _header(scope, name: bytes) -> str:
+    return next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == name), "")
 
 
 async def _lifespan(receive, send) -> None:

@@ -75,29 +75,34 @@ def wait_ready(base_url: str, timeout: float = 30.0, proc: Optional[subprocess.P
 
 @contextlib.contextmanager
 def running_sim(settings: Optional[TeacherSimConfig] = None, *, model: str = SIM_MODEL, port: Optional[int] = None,
-                host: str = "127.0.0.1", subprocess_mode: bool = False) -> Iterator[str]:
+                host: str = "127.0.0.1", subprocess_mode: bool = False, processes: int = 1) -> Iterator[str]:
     """Start a teacher-sim on a free port, yield its base URL (``http://host:port/v1``), stop it on exit.
 
     In-process (a background thread) by default, which sees tasks registered by the caller; with
     ``subprocess_mode`` it runs ``ftcot teacher-sim`` in its own process (its own core: benchmarks;
-    and the teach stage, whose reaper then takes it down with the run).
+    and the teach stage, whose reaper then takes it down with the run); with ``processes`` > 1, that
+    many processes share the port (SO_REUSEPORT: the kernel spreads the connections over them), for a
+    benchmark whose client outruns one sim process. Each keeps its own /stats.
     """
     settings = settings or TeacherSimConfig()
     port = port or _free_port(host)
     base_url = f"http://{host}:{port}/v1"
     if subprocess_mode:
         cmd = [sys.executable, "-m", "ftcot_ray.cli", "teacher-sim", "--host", host, "--port", str(port),
-               "--model", model, "--settings-json", settings.model_dump_json()]
-        proc = subprocess.Popen(cmd, stdout=2)  # its banner goes with the framework logs (stderr)
+               "--model", model, "--settings-json", settings.model_dump_json()] + (["--reuse-port"] if processes > 1 else [])
+        procs = [subprocess.Popen(cmd, stdout=2) for _ in range(processes)]  # banners go with the framework logs
         try:
-            wait_ready(base_url, proc=proc)
+            for proc in procs:
+                wait_ready(base_url, proc=proc)
             yield base_url
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
         return
     import uvicorn
 
@@ -139,6 +144,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(*flags, dest=name, type=kind, choices=choices, default=None,
                             help=f"{field.description or name} (default: {default})")
     parser.add_argument("--settings-json", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--reuse-port", action="store_true",
+                        help="bind with SO_REUSEPORT, so several teacher-sim processes can share one port")
 
 
 def settings_from_args(args: argparse.Namespace) -> TeacherSimConfig:
@@ -162,5 +169,15 @@ def main(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     app = SimApp(settings, args.model)
     print(f"teacher-sim ({settings.mode}) on http://{args.host}:{args.port}/v1 — {MODEL_DESCRIPTION}", flush=True)
-    uvicorn.Server(_uvicorn_config(app, args.host, args.port)).run()
+    server = uvicorn.Server(_uvicorn_config(app, args.host, args.port))
+    if not getattr(args, "reuse_port", False):
+        server.run()
+        return 0
+    import socket
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((args.host, args.port))
+    server.run(sockets=[sock])
     return 0

@@ -110,7 +110,7 @@ class ReplayIndex:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if not self.path.is_file():
+        if not self.path.exists():
             raise InputMissing(f"teacher-sim replay file {self.path} not found")
         self.step1: dict[str, list[tuple[str, str]]] = {}
         self.step2: dict[tuple[str, str], str] = {}
@@ -121,13 +121,15 @@ class ReplayIndex:
             raise InputFileError(f"{self.path}: no recorded completions to replay")
 
     def _records(self) -> Iterator[tuple]:
-        if self.path.suffix == ".jsonl":
-            from ...io import iter_jsonl
+        if self.path.suffix == ".jsonl" or self.path.is_dir():  # a completions table, either form
+            from ...tables import iter_table
 
-            for r in iter_jsonl(self.path):
-                if r.get("error") is None and r.get("rationale") is not None:
-                    yield ((r["sample_index"], r["sample_idx"]), r["reasoning_prompt"], r["rationale"],
-                           r.get("finish_reason") or "stop", r.get("answer_completion") or "")
+            need = ("sample_index", "sample_idx", "reasoning_prompt", "rationale")
+            for batch in iter_table(self.path, "completions", columns=need):
+                for r in batch:
+                    if r.get("error") is None and r.get("rationale") is not None:
+                        yield ((r["sample_index"], r["sample_idx"]), r["reasoning_prompt"], r["rationale"],
+                               r.get("finish_reason") or "stop", r.get("answer_completion") or "")
             return
         from ...io import read_json
 

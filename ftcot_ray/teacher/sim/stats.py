@@ -1,7 +1,8 @@
 """teacher-sim's counters, served at ``/stats``: what a test asserts about the traffic it got.
 
-Requests per route, faults, and answers per (prompt, sample): an answer is counted only when it
-was delivered to a still-connected client (or written into a batch's output file), so a test can
+Requests per route, faults, each completion request's arrival time and User-Agent (`?full=1`: a
+test checks rate limits in every window and who was sending when), and answers per (prompt,
+sample): an answer is counted only when it was delivered to a still-connected client (or written into a batch's output file), so a test can
 assert that no prompt was answered twice. Batch API: files uploaded, batches created, and how
 often each line (``custom_id``) was submitted, so a test can assert that no line was paid twice.
 """
@@ -29,7 +30,13 @@ class SimStats:
         self.files_uploaded = 0
         self.batches_created = 0
         self.batch_lines: Counter = Counter()  # custom_id -> times submitted in a batch
+        self.log: list[tuple[float, str]] = []  # (arrival time, User-Agent) of each completion request
+        self.completion_requests = 0
         self.started = time.time()
+
+    def log_request(self, user_agent: str) -> None:
+        self.completion_requests += 1
+        self.log.append((time.time(), user_agent))
 
     def answered(self, keys: list[str], prompt: Any) -> None:
         for k in keys:
@@ -63,4 +70,5 @@ class SimStats:
         }
         if full:
             out["answers"] = dict(self.answers)
+            out["request_log"] = [[t, ua] for t, ua in self.log]
         return out
