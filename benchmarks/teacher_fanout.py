@@ -35,7 +35,7 @@ from pathlib import Path
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from ftcot_ray.config import TeacherConfig, TeacherSimConfig  # noqa: E402
+from ftcot_ray.config import TeacherSimConfig  # noqa: E402
 from ftcot_ray.io import write_jsonl  # noqa: E402
 from ftcot_ray.prompts import answer_prompt, reasoning_prompt  # noqa: E402
 from ftcot_ray.teacher.sim import running_sim  # noqa: E402

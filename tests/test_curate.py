@@ -13,7 +13,7 @@ import pytest
 from ftcot_ray import curation
 from ftcot_ray.artifacts import finish, read_manifest, stage_dir
 from ftcot_ray.config import load_config
-from ftcot_ray.io import read_jsonl, write_jsonl
+from ftcot_ray.io import write_jsonl
 from ftcot_ray.tables import read_table
 from ftcot_ray.tasks import get_task
 

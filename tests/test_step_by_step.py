@@ -12,7 +12,6 @@ import torch
 
 from ftcot_ray import curation
 from ftcot_ray.artifacts import stage_dir
-from ftcot_ray.io import read_jsonl
 from ftcot_ray.tables import read_table
 from ftcot_ray.prompts import TASK_PREFIXES, method_prompt
 from ftcot_ray.stages import evaluate, train

@@ -26,7 +26,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from .. import logs
 from ..artifacts import is_complete, open_stage, require, stage_dir
@@ -115,7 +115,7 @@ def run(cfg: Config, out: Path | None = None, inp: Path | None = None, *, retry_
     st.tables["completions"] = entry
     summary = make_summary(cfg, stats, time.time() - start, ep["label"])
     summary["resent_after_interrupt"] = len(resent)
-    summary["projected"] = projected | {"tokenizer": projected.get("tokenizer")}
+    summary["projected"] = projected
     summary["actual"] = projection.actual(stats, t)
     st.finish(summary, OUTPUTS)
     if summary["budget_stopped"]:
@@ -295,16 +295,23 @@ def make_summary(cfg: Config, stats: dict, wall_s: float, label: str) -> dict:
 # --------------------------------------------------------------------------- before any paid call
 
 
-def data_folder(cfg: Config, inp: Path | str | None = None) -> Path:
-    """The data stage's folder (run first, when it is not done: it writes problems, nothing is sent)."""
-    if inp is not None:
-        return require(inp, "data")
-    src = stage_dir(cfg, "data")
-    if not is_complete(src):
+def problem_batches(cfg: Config, inp: Path | str | None = None) -> Callable[[], Iterator[list[dict]]]:
+    """The problems the stage will read, streamed in batches (callable again for each pass): the data
+    stage's table; a benchmark or synthetic task not built yet is built in memory (well under a second,
+    nothing written); your own data not read yet runs the data stage first (nothing is sent to a teacher)."""
+    from ..tasks.custom import is_custom
+
+    if inp is None and not is_complete(stage_dir(cfg, "data")) and not is_custom(cfg.data):
+        from .data import build
+
+        rows = build(cfg)[0]
+        return lambda: iter([rows])
+    if inp is None and not is_complete(stage_dir(cfg, "data")):
         from .data import run as run_data
 
         run_data(cfg)
-    return require(src, "data")
+    folder = require(inp if inp is not None else stage_dir(cfg, "data"), "data")
+    return lambda: iter_table(folder, "problems", batch_rows=4096)
 
 
 def diversities(cfg: Config) -> list[int]:
@@ -315,13 +322,13 @@ def diversities(cfg: Config) -> list[int]:
 def project(cfg: Config, inp: Path | str | None = None, *, pilot: bool = True) -> dict:
     """`ftcot teach --dry-run`: the projection (with `teacher.pilot=N`, after N questions answered for real)."""
     t = cfg.teacher
-    folder = data_folder(cfg, inp)
+    batches = problem_batches(cfg, inp)
     store = AnswerStore(cache_dir(cfg))
     store.migrate_legacy(say=logs.say)
     splits = set(t.splits)
 
     def chunks() -> Iterator[list[dict]]:
-        for batch in iter_table(folder, "problems", batch_rows=4096):
+        for batch in batches():
             yield [r for r in batch if r["split"] in splits]
 
     pilot_summary = None
